@@ -1,0 +1,5 @@
+//! The `soulbox` binary: `serve`, the CLI, and `agent` (PID 1 inside every sandbox).
+
+fn main() -> anyhow::Result<()> {
+    Ok(())
+}

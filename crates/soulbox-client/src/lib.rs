@@ -1,0 +1,1 @@
+//! Rust client for the SoulBox control plane and the envd API (used by the CLI and the benchmark).

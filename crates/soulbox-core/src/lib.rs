@@ -1,0 +1,1 @@
+//! Sandbox lifecycle manager: ties runtime, store, templates and agents together.

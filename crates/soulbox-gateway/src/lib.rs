@@ -1,0 +1,1 @@
+//! Sandbox traffic gateway: routes envd/interpreter/user-port requests to sandbox agents.

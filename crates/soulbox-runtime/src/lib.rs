@@ -1,0 +1,1 @@
+//! Linux sandboxes: namespaces, user namespace mapping, overlay root, cgroups v1/v2, spawn/kill/adopt.

@@ -1,0 +1,1 @@
+//! Persistent state (SQLite through sqlx): sandboxes, templates, API keys.

@@ -1,0 +1,1 @@
+//! Template builds: the Debian base rootfs and the layer store.
