@@ -1,5 +1,34 @@
 //! The `soulbox` binary: `serve`, the CLI, and `agent` (PID 1 inside every sandbox).
 
+mod agent;
+mod sandbox;
+mod sandbox_exec;
+mod serve;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "soulbox", version, about = "Self-hosted, E2B-compatible sandboxes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane and the sandbox gateway.
+    Serve(serve::ServeArgs),
+    /// Run the in-sandbox agent (PID 1 of every sandbox).
+    Agent(agent::AgentArgs),
+    /// Manage sandboxes on a running server.
+    Sandbox(sandbox::SandboxArgs),
+}
+
 fn main() -> anyhow::Result<()> {
-    Ok(())
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::Agent(args) => agent::run(args),
+        Command::Sandbox(args) => sandbox::run(args),
+    }
 }
