@@ -1,1 +1,6 @@
 //! Wire formats: E2B REST bodies, envd Connect messages, the Connect envelope codec, host-agent messages.
+
+pub mod rest;
+pub mod agent;
+pub mod connect;
+pub mod envd;

@@ -1,0 +1,259 @@
+//! E2B control-plane REST bodies (protocol doc §3) and the gateway's error bodies (§2.6).
+//!
+//! Request types accept and ignore fields SoulBox does not act on yet (the SDKs send `mcp`,
+//! `iam`, `network`, …); response types carry exactly the keys the SDK parsers read.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// `POST /sandboxes` (v1) and `POST /v2/sandboxes` bodies. v2 has no `secure` (always secured);
+/// the server ignores it on that route.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NewSandbox {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    /// Seconds until the sandbox expires; must be > 0. Signed so that a negative value reaches
+    /// validation (and gets the E2B message) instead of failing deserialisation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_pause: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure: Option<bool>,
+    #[serde(
+        default,
+        rename = "allow_internet_access",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub allow_internet_access: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env_vars: Option<BTreeMap<String, String>>,
+}
+
+/// Response of create and connect (`Sandbox` in E2B's OpenAPI spec).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Sandbox {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    #[serde(rename = "clientID")]
+    pub client_id: String,
+    pub envd_version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alias: Option<String>,
+    /// Present ⇒ the SDK sends `X-Access-Token` and signs file URLs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envd_access_token: Option<String>,
+    /// Always serialised (null ⇒ no traffic token).
+    #[serde(default)]
+    pub traffic_access_token: Option<String>,
+    /// Always serialised (null ⇒ the client's `E2B_DOMAIN` applies).
+    #[serde(default)]
+    pub domain: Option<String>,
+}
+
+/// Sandbox states the SDK parsers accept; any other value breaks them.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxState {
+    Running,
+    Paused,
+}
+
+impl SandboxState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxState::Running => "running",
+            SandboxState::Paused => "paused",
+        }
+    }
+
+    /// Parses the query-string spelling (`running`, `paused`).
+    pub fn parse(s: &str) -> Option<SandboxState> {
+        match s {
+            "running" => Some(SandboxState::Running),
+            "paused" => Some(SandboxState::Paused),
+            _ => None,
+        }
+    }
+}
+
+/// `GET /sandboxes/{id}` (`SandboxDetail`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxDetail {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    #[serde(rename = "clientID")]
+    pub client_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alias: Option<String>,
+    pub started_at: DateTime<Utc>,
+    pub end_at: DateTime<Utc>,
+    pub envd_version: String,
+    pub cpu_count: u32,
+    #[serde(rename = "memoryMB")]
+    pub memory_mb: u64,
+    #[serde(rename = "diskSizeMB")]
+    pub disk_size_mb: u64,
+    pub state: SandboxState,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// Old SDKs' `connect` reads the token from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envd_access_token: Option<String>,
+    #[serde(default)]
+    pub domain: Option<String>,
+}
+
+/// One entry of `GET /sandboxes` and `GET /v2/sandboxes` (`ListedSandbox`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ListedSandbox {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    #[serde(rename = "clientID")]
+    pub client_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alias: Option<String>,
+    pub started_at: DateTime<Utc>,
+    pub end_at: DateTime<Utc>,
+    pub cpu_count: u32,
+    #[serde(rename = "memoryMB")]
+    pub memory_mb: u64,
+    #[serde(rename = "diskSizeMB")]
+    pub disk_size_mb: u64,
+    pub state: SandboxState,
+    pub envd_version: String,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// `POST /sandboxes/{id}/timeout` and v1 `POST /sandboxes/{id}/connect`: seconds from now.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TimeoutRequest {
+    pub timeout: i64,
+}
+
+/// `POST /v2/sandboxes/{id}/connect`: the body is optional, `timeout` defaults to 300 s.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ConnectSandboxV2 {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<bool>,
+}
+
+/// Error body of every control-plane error: `code` equals the HTTP status (the JS SDK keys
+/// on the body's `code`, not the status line).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApiError {
+    pub code: u16,
+    pub message: String,
+}
+
+/// Message the SDKs key on (`was not found` ⇒ `SandboxNotRunningException`).
+pub const SANDBOX_NOT_FOUND_MESSAGE: &str = "The sandbox was not found";
+/// Message the SDKs key on (`port is not open` ⇒ `SandboxUnreachableException`).
+pub const PORT_NOT_OPEN_MESSAGE: &str = "The sandbox is running but port is not open";
+
+/// The gateway's 502 body (protocol doc §2.6).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayError {
+    pub sandbox_id: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    pub code: u16,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_sandbox_accepts_sdk_body_with_unknown_fields() {
+        let body = r#"{"templateID":"base","timeout":10,"autoPause":true,"autoResume":{"enabled":true},
+            "allow_internet_access":false,"network":{"allowOut":["1.1.1.1"]},"metadata":{"a":"b"},"envVars":{}}"#;
+        let parsed: NewSandbox = serde_json::from_str(body).expect("valid body");
+        assert_eq!(parsed.template_id, "base");
+        assert_eq!(parsed.timeout, Some(10));
+        assert_eq!(parsed.allow_internet_access, Some(false));
+        assert_eq!(
+            parsed
+                .metadata
+                .as_ref()
+                .and_then(|m| m.get("a"))
+                .map(String::as_str),
+            Some("b")
+        );
+    }
+
+    #[test]
+    fn new_sandbox_rejects_wrong_types() {
+        assert!(
+            serde_json::from_str::<NewSandbox>(r#"{"templateID":"base","timeout":"x"}"#).is_err()
+        );
+        assert!(serde_json::from_str::<NewSandbox>(r#"{"timeout":5}"#).is_err());
+        assert!(
+            serde_json::from_str::<NewSandbox>(r#"{"templateID":"b","metadata":{"k":1}}"#).is_err()
+        );
+    }
+
+    #[test]
+    fn sandbox_serialises_null_domain_and_omits_missing_token() {
+        let s = Sandbox {
+            template_id: "base".into(),
+            sandbox_id: "abc".into(),
+            client_id: "soulbox".into(),
+            envd_version: "0.6.4".into(),
+            alias: None,
+            envd_access_token: None,
+            traffic_access_token: None,
+            domain: None,
+        };
+        let v = serde_json::to_value(&s).expect("serialise");
+        assert_eq!(v["domain"], serde_json::Value::Null);
+        assert!(v.get("envdAccessToken").is_none());
+        assert_eq!(v["sandboxID"], "abc");
+    }
+
+    #[test]
+    fn detail_uses_e2b_key_spelling() {
+        let t = DateTime::from_timestamp_millis(1_700_000_000_123).expect("valid ts");
+        let d = SandboxDetail {
+            template_id: "base".into(),
+            sandbox_id: "abc".into(),
+            client_id: "soulbox".into(),
+            alias: Some("base".into()),
+            started_at: t,
+            end_at: t,
+            envd_version: "0.6.4".into(),
+            cpu_count: 2,
+            memory_mb: 512,
+            disk_size_mb: 1024,
+            state: SandboxState::Running,
+            metadata: BTreeMap::new(),
+            envd_access_token: Some("tok".into()),
+            domain: None,
+        };
+        let v = serde_json::to_value(&d).expect("serialise");
+        assert_eq!(v["memoryMB"], 512);
+        assert_eq!(v["diskSizeMB"], 1024);
+        assert_eq!(v["state"], "running");
+        assert_eq!(v["startedAt"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(v["envdAccessToken"], "tok");
+    }
+}
