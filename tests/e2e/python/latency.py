@@ -1,0 +1,142 @@
+"""Measures create → first command latency and memory per idle sandbox, from the Python SDK.
+
+Not a test: a measurement to reproduce the closing numbers of issue 2. Run it against a running
+server with the export lines set (or through scripts/latency, which sets up the venv):
+
+    tests/e2e/.venv-latest/bin/python tests/e2e/python/latency.py --runs 50 --idle 20 [--json out.json]
+
+Latency: each run times Sandbox.create() followed by commands.run("true") (what a user waits for
+before their first command returns), sequentially, then kills the sandbox outside the timing.
+Memory: creates --idle sandboxes, lets them settle, and reports the drop in the host's
+MemAvailable per sandbox plus, where the cgroup v1 memory controller or cgroup v2 is in use, the
+average memory charged to each sandbox's cgroup. Other activity on the machine adds noise to the
+MemAvailable figure; the cgroup figure is per sandbox and exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from e2b import Sandbox
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile: the smallest value with at least p% of the samples at or below it."""
+    ordered = sorted(values)
+    rank = max(1, int(-(-p * len(ordered) // 100)))
+    return ordered[rank - 1]
+
+
+def summary(values_ms: list[float]) -> dict[str, float]:
+    return {
+        "n": len(values_ms),
+        "min": min(values_ms),
+        "p50": percentile(values_ms, 50),
+        "p90": percentile(values_ms, 90),
+        "p99": percentile(values_ms, 99),
+        "max": max(values_ms),
+        "mean": statistics.fmean(values_ms),
+    }
+
+
+def mem_available_kib() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1])
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+def cgroup_memory_bytes(sandbox_id: str) -> int | None:
+    """Memory charged to the sandbox's cgroup, if the runtime's cgroup can be found."""
+    candidates = [
+        Path(f"/sys/fs/cgroup/memory/soulbox/{sandbox_id}/memory.usage_in_bytes"),
+        Path(f"/sys/fs/cgroup/soulbox/{sandbox_id}/memory.current"),
+        Path(f"/sys/fs/cgroup/unified/soulbox/{sandbox_id}/memory.current"),
+    ]
+    for path in candidates:
+        try:
+            return int(path.read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def measure_latency(runs: int) -> dict[str, dict[str, float]]:
+    create_ms: list[float] = []
+    first_cmd_ms: list[float] = []
+    total_ms: list[float] = []
+    # One warm-up so connection set-up and first-use costs are not in the numbers.
+    Sandbox.create(timeout=60).kill()
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sbx = Sandbox.create(timeout=60)
+        t1 = time.perf_counter()
+        sbx.commands.run("true")
+        t2 = time.perf_counter()
+        sbx.kill()
+        create_ms.append((t1 - t0) * 1000)
+        first_cmd_ms.append((t2 - t1) * 1000)
+        total_ms.append((t2 - t0) * 1000)
+    return {
+        "create_to_first_command_ms": summary(total_ms),
+        "create_ms": summary(create_ms),
+        "first_command_ms": summary(first_cmd_ms),
+    }
+
+
+def measure_idle_memory(count: int, settle_s: float) -> dict[str, float | int | None]:
+    before = mem_available_kib()
+    sandboxes = [Sandbox.create(timeout=600) for _ in range(count)]
+    try:
+        for sbx in sandboxes:
+            sbx.commands.run("true")  # every sandbox has served a command: really usable
+        time.sleep(settle_s)
+        after = mem_available_kib()
+        charged = [cgroup_memory_bytes(s.sandbox_id) for s in sandboxes]
+        known = [c for c in charged if c is not None]
+        return {
+            "sandboxes": count,
+            "mem_available_drop_per_sandbox_kib": (before - after) / count,
+            "cgroup_charged_per_sandbox_kib": (statistics.fmean(known) / 1024) if known else None,
+            "cgroups_found": len(known),
+        }
+    finally:
+        for sbx in sandboxes:
+            sbx.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=50, help="sequential create → first command runs")
+    parser.add_argument("--idle", type=int, default=20, help="idle sandboxes for the memory figure")
+    parser.add_argument("--settle", type=float, default=5.0, help="seconds to let idle sandboxes settle")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    results = {"latency": measure_latency(args.runs), "idle_memory": measure_idle_memory(args.idle, args.settle)}
+
+    for name, s in results["latency"].items():
+        print(
+            f"{name:28} n={s['n']:<3} p50={s['p50']:8.1f}  p90={s['p90']:8.1f}  "
+            f"p99={s['p99']:8.1f}  min={s['min']:8.1f}  max={s['max']:8.1f}"
+        )
+    mem = results["idle_memory"]
+    line = f"idle memory ({mem['sandboxes']} sandboxes): "
+    line += f"MemAvailable drop {mem['mem_available_drop_per_sandbox_kib']:.0f} KiB/sandbox"
+    if mem["cgroup_charged_per_sandbox_kib"] is not None:
+        line += (
+            f", cgroup-charged {mem['cgroup_charged_per_sandbox_kib']:.0f} KiB/sandbox ({mem['cgroups_found']} cgroups)"
+        )
+    else:
+        line += ", cgroup memory not found"
+    print(line)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
