@@ -1,1 +1,605 @@
 //! Sandbox lifecycle manager: ties runtime, store, templates and agents together.
+//!
+//! The [`Manager`] owns every sandbox from create to kill: it asks the runtime for the sandbox,
+//! initialises its agent, records it, and keeps one watcher task per live sandbox that reaps it
+//! when its PID 1 dies or its `end_at` passes. The database is the source of truth for what
+//! exists; the in-memory table of live sandboxes is what the gateway routes by.
+//!
+//! What sandboxed code can do with this: only make its own agent answer `/_soulbox/init`
+//! wrongly or slowly (create then fails within [`ManagerConfig::agent_timeout`] and the sandbox
+//! is destroyed), or exit its PID 1 (the sandbox is reaped). It never reaches the database, and
+//! an access token is checked by the gateway, never by code inside the sandbox.
+
+mod agent_client;
+mod ids;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use soulbox_runtime::{Limits, Runtime, RuntimeError, SandboxHandle, SandboxSpec};
+use soulbox_store::{Cursor, Order, SandboxQuery, SandboxRecord, Store, StoreError};
+use soulbox_wire::agent::InitRequest;
+use soulbox_wire::rest::SandboxState;
+use tokio::sync::watch;
+
+pub use agent_client::AgentError;
+pub use ids::{new_access_token, new_sandbox_id};
+
+/// The envd version reported to the SDKs; it gates SDK features (protocol doc §4.8).
+pub const ENVD_VERSION: &str = "0.6.4";
+/// `clientID` of every sandbox (deprecated field the SDK parsers still require).
+pub const CLIENT_ID: &str = "soulbox";
+/// Longest timeout a sandbox may be given (E2B's Pro-tier limit).
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("sandbox {0} not found")]
+    NotFound(String),
+    #[error("template '{0}' not found")]
+    TemplateNotFound(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("runtime: {0}")]
+    Runtime(#[from] RuntimeError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("sandbox agent: {0}")]
+    Agent(#[from] AgentError),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// Settings of the manager.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// Returned to clients as the sandbox `domain` (`<port>-<id>.<domain>` host routing).
+    pub domain: Option<String>,
+    /// How long a new sandbox's agent may take to answer its init request.
+    pub agent_timeout: Duration,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        ManagerConfig {
+            domain: None,
+            agent_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What to create.
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    pub template: String,
+    pub timeout: Duration,
+    /// Whether the sandbox gets an envd access token.
+    pub secure: bool,
+    pub metadata: BTreeMap<String, String>,
+    pub env_vars: BTreeMap<String, String>,
+}
+
+/// A sandbox as clients see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxInfo {
+    pub id: String,
+    pub template_id: String,
+    pub alias: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+    pub access_token: Option<String>,
+    pub started_at: DateTime<Utc>,
+    pub end_at: DateTime<Utc>,
+    pub cpu_count: u32,
+    pub memory_mb: u64,
+    pub disk_mb: u64,
+    pub state: SandboxState,
+}
+
+/// A page of [`Manager::list`].
+#[derive(Debug, Clone, Default)]
+pub struct ListRequest {
+    pub metadata: Vec<(String, String)>,
+    /// Allowed states; empty = any.
+    pub states: Vec<SandboxState>,
+    pub template: Option<String>,
+    pub started_after: Option<DateTime<Utc>>,
+    pub order: Order,
+    /// Page size; `None` = everything.
+    pub limit: Option<u32>,
+    /// Token from the previous page.
+    pub next_token: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListPage {
+    pub sandboxes: Vec<SandboxInfo>,
+    /// Present when more sandboxes follow.
+    pub next_token: Option<String>,
+}
+
+/// Where the gateway sends a sandbox's traffic and what it must check first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub sandbox_id: String,
+    pub socket_path: PathBuf,
+    pub access_token: Option<String>,
+}
+
+/// A live sandbox: its route, its handle, and the sender that moves its watcher's deadline
+/// (dropping it stops the watcher).
+struct Live {
+    route: Arc<Route>,
+    handle: SandboxHandle,
+    end_at: watch::Sender<DateTime<Utc>>,
+}
+
+struct Inner {
+    cfg: ManagerConfig,
+    store: Store,
+    runtime: Runtime,
+    live: RwLock<HashMap<String, Live>>,
+}
+
+/// The sandbox lifecycle. Cheap to clone; clones share state.
+#[derive(Clone)]
+pub struct Manager {
+    inner: Arc<Inner>,
+}
+
+impl Manager {
+    /// Starts the manager: re-adopts the sandboxes of the database whose PID 1 is still the
+    /// same live process, destroys the rest (and any traces of unknown sandboxes), and arms
+    /// expiry and death detection for the adopted ones.
+    pub async fn start(
+        cfg: ManagerConfig,
+        store: Store,
+        runtime: Runtime,
+    ) -> Result<Manager, CoreError> {
+        let manager = Manager {
+            inner: Arc::new(Inner {
+                cfg,
+                store,
+                runtime,
+                live: RwLock::new(HashMap::new()),
+            }),
+        };
+        let mut keep = HashSet::new();
+        for rec in manager.inner.store.all_sandboxes().await? {
+            let handle: SandboxHandle = match serde_json::from_str(&rec.handle) {
+                Ok(h) => h,
+                Err(e) => {
+                    // Its traces are removed by reap_orphans below (its id is not kept).
+                    tracing::error!(id = %rec.id, error = %e, "unreadable sandbox handle; dropping the row");
+                    manager.inner.store.delete_sandbox(&rec.id).await?;
+                    continue;
+                }
+            };
+            if manager.inner.runtime.adopt(&handle) {
+                tracing::info!(id = %rec.id, pid = handle.pid, "re-adopted sandbox");
+                keep.insert(rec.id.clone());
+                manager.track(&rec, handle)?;
+            } else {
+                tracing::info!(id = %rec.id, "sandbox died while the server was down; reaping");
+                match manager.inner.runtime.destroy(&handle).await {
+                    Ok(()) => {
+                        manager.inner.store.delete_sandbox(&rec.id).await?;
+                    }
+                    Err(e) => {
+                        tracing::error!(id = %rec.id, error = %e, "destroying dead sandbox failed; keeping its row for a retry");
+                        keep.insert(rec.id.clone());
+                    }
+                }
+            }
+        }
+        let reaped = manager.inner.runtime.reap_orphans(&keep).await?;
+        if reaped > 0 {
+            tracing::info!(count = reaped, "removed leftovers of unknown sandboxes");
+        }
+        Ok(manager)
+    }
+
+    pub fn domain(&self) -> Option<&str> {
+        self.inner.cfg.domain.as_deref()
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// Creates a sandbox. Runs to completion even if the caller goes away; any failure
+    /// leaves nothing behind.
+    pub async fn create(&self, req: CreateRequest) -> Result<SandboxInfo, CoreError> {
+        let this = self.clone();
+        tokio::spawn(async move { this.create_inner(req).await })
+            .await
+            .map_err(|e| CoreError::Internal(format!("create task: {e}")))?
+    }
+
+    async fn create_inner(&self, req: CreateRequest) -> Result<SandboxInfo, CoreError> {
+        let inner = &self.inner;
+        validate_timeout_duration(req.timeout)?;
+        let template = inner
+            .store
+            .get_template(&req.template)
+            .await?
+            .ok_or_else(|| CoreError::TemplateNotFound(req.template.clone()))?;
+        let id = self.unused_id().await?;
+        let spec = SandboxSpec {
+            id: id.clone(),
+            layers: template.layers.clone(),
+            limits: Limits {
+                cpu_count: template.cpu_count,
+                memory_mb: template.memory_mb,
+                disk_mb: template.disk_mb,
+                ..Limits::default()
+            },
+        };
+        let handle = inner.runtime.create(&spec).await?;
+        let setup = async {
+            let init = InitRequest {
+                sandbox_id: id.clone(),
+                template_id: template.name.clone(),
+                env_vars: req.env_vars.clone().into_iter().collect(),
+                default_user: Some(template.default_user.clone()),
+                default_workdir: Some(template.default_workdir.clone()),
+            };
+            agent_client::init(&handle.socket_path, &init, inner.cfg.agent_timeout).await?;
+            let started_at = now_millis();
+            let end_at = started_at + to_chrono(req.timeout)?;
+            let rec = SandboxRecord {
+                id: id.clone(),
+                template_id: template.name.clone(),
+                alias: Some(template.name.clone()),
+                metadata: req.metadata.clone(),
+                env_vars: req.env_vars.clone(),
+                access_token: req.secure.then(new_access_token),
+                started_at,
+                end_at,
+                cpu_count: template.cpu_count,
+                memory_mb: template.memory_mb,
+                disk_mb: template.disk_mb,
+                handle: serde_json::to_string(&handle)
+                    .map_err(|e| CoreError::Internal(format!("encoding handle: {e}")))?,
+                state: SandboxState::Running,
+            };
+            inner.store.insert_sandbox(&rec).await?;
+            if let Err(e) = self.track(&rec, handle.clone()) {
+                inner.store.delete_sandbox(&id).await?;
+                return Err(e);
+            }
+            Ok(info_from(rec))
+        }
+        .await;
+        if setup.is_err() {
+            self.untrack(&id);
+            if let Err(e) = inner.runtime.destroy(&handle).await {
+                tracing::error!(%id, error = %e, "destroying a sandbox whose create failed");
+            }
+        }
+        setup
+    }
+
+    /// A fresh id that no sandbox (live or recorded) has.
+    async fn unused_id(&self) -> Result<String, CoreError> {
+        loop {
+            let id = new_sandbox_id();
+            let live = self.read_live().contains_key(&id);
+            if !live && self.inner.store.get_sandbox(&id).await?.is_none() {
+                return Ok(id);
+            }
+        }
+    }
+
+    pub async fn get(&self, id: &str) -> Result<SandboxInfo, CoreError> {
+        self.inner
+            .store
+            .get_sandbox(id)
+            .await?
+            .map(info_from)
+            .ok_or_else(|| CoreError::NotFound(id.to_owned()))
+    }
+
+    pub async fn list(&self, req: ListRequest) -> Result<ListPage, CoreError> {
+        let after = req.next_token.as_deref().map(decode_token).transpose()?;
+        let mut rows = self
+            .inner
+            .store
+            .list_sandboxes(&SandboxQuery {
+                metadata: req.metadata,
+                states: req.states,
+                template: req.template,
+                started_after: req.started_after,
+                order: req.order,
+                after,
+                // One more than asked, to know whether another page follows.
+                limit: req.limit.map(|l| l.saturating_add(1)),
+            })
+            .await?;
+        let mut next_token = None;
+        if let Some(limit) = req.limit {
+            let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+            if rows.len() > limit {
+                rows.truncate(limit);
+                next_token = rows.last().map(encode_token);
+            }
+        }
+        Ok(ListPage {
+            sandboxes: rows.into_iter().map(info_from).collect(),
+            next_token,
+        })
+    }
+
+    /// Kills the sandbox and reclaims everything it had. Runs to completion even if the
+    /// caller goes away.
+    pub async fn kill(&self, id: &str) -> Result<(), CoreError> {
+        let this = self.clone();
+        let id = id.to_owned();
+        tokio::spawn(async move { this.kill_inner(&id).await })
+            .await
+            .map_err(|e| CoreError::Internal(format!("kill task: {e}")))?
+    }
+
+    async fn kill_inner(&self, id: &str) -> Result<(), CoreError> {
+        let handle = match self.untrack(id) {
+            Some(live) => live.handle,
+            None => {
+                // Not live: a row left by a failed destroy, or nothing at all.
+                let rec = self
+                    .inner
+                    .store
+                    .get_sandbox(id)
+                    .await?
+                    .ok_or_else(|| CoreError::NotFound(id.to_owned()))?;
+                serde_json::from_str(&rec.handle)
+                    .map_err(|e| CoreError::Internal(format!("stored handle of {id}: {e}")))?
+            }
+        };
+        self.inner.runtime.destroy(&handle).await?;
+        self.inner.store.delete_sandbox(id).await?;
+        Ok(())
+    }
+
+    /// Sets the sandbox to expire `timeout` from now (may shorten or extend).
+    pub async fn set_timeout(&self, id: &str, timeout: Duration) -> Result<(), CoreError> {
+        validate_timeout_duration(timeout)?;
+        let end_at = now_millis() + to_chrono(timeout)?;
+        self.move_deadline(id, end_at).await
+    }
+
+    /// Connects to a running sandbox: extends its expiry to `timeout` from now, never
+    /// shortening it.
+    pub async fn connect(&self, id: &str, timeout: Duration) -> Result<SandboxInfo, CoreError> {
+        validate_timeout_duration(timeout)?;
+        let wanted = now_millis() + to_chrono(timeout)?;
+        let current = self.get(id).await?;
+        if wanted > current.end_at {
+            self.move_deadline(id, wanted).await?;
+        }
+        self.get(id).await
+    }
+
+    async fn move_deadline(&self, id: &str, end_at: DateTime<Utc>) -> Result<(), CoreError> {
+        if !self.inner.store.set_end_at(id, end_at).await? {
+            return Err(CoreError::NotFound(id.to_owned()));
+        }
+        if let Some(live) = self.read_live().get(id) {
+            live.end_at.send_replace(end_at);
+        }
+        Ok(())
+    }
+
+    /// Where to send traffic for a live sandbox.
+    pub fn route(&self, id: &str) -> Option<Arc<Route>> {
+        self.read_live().get(id).map(|l| l.route.clone())
+    }
+
+    /// The first live sandbox whose route satisfies `pred` (used to find the sandbox a signed
+    /// URL without a sandbox id belongs to). The predicate runs outside the table's lock.
+    pub fn find_route(&self, pred: impl Fn(&Route) -> bool) -> Option<Arc<Route>> {
+        let routes: Vec<Arc<Route>> = self.read_live().values().map(|l| l.route.clone()).collect();
+        routes.into_iter().find(|r| pred(r))
+    }
+
+    /// Number of live sandboxes.
+    pub fn live_count(&self) -> usize {
+        self.read_live().len()
+    }
+
+    /// Adds a live sandbox and starts its watcher.
+    fn track(&self, rec: &SandboxRecord, handle: SandboxHandle) -> Result<(), CoreError> {
+        let route = Arc::new(Route {
+            sandbox_id: rec.id.clone(),
+            socket_path: handle.socket_path.clone(),
+            access_token: rec.access_token.clone(),
+        });
+        let (end_tx, end_rx) = watch::channel(rec.end_at);
+        {
+            let mut live = self
+                .inner
+                .live
+                .write()
+                .map_err(|_| CoreError::Internal("live table lock poisoned".into()))?;
+            live.insert(
+                rec.id.clone(),
+                Live {
+                    route,
+                    handle: handle.clone(),
+                    end_at: end_tx,
+                },
+            );
+        }
+        let this = self.clone();
+        let id = rec.id.clone();
+        tokio::spawn(async move { this.watch(id, handle, end_rx).await });
+        Ok(())
+    }
+
+    /// Removes a live sandbox from the table (stopping its watcher); returns it if it was live.
+    fn untrack(&self, id: &str) -> Option<Live> {
+        match self.inner.live.write() {
+            Ok(mut live) => live.remove(id),
+            Err(poisoned) => poisoned.into_inner().remove(id),
+        }
+    }
+
+    fn read_live(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Live>> {
+        match self.inner.live.read() {
+            Ok(guard) => guard,
+            // Nothing panics while holding the lock; recover the data if something ever does.
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// One per live sandbox: reaps it when its PID 1 exits or its deadline passes; ends
+    /// quietly when the sandbox is untracked (its sender dropped).
+    async fn watch(
+        self,
+        id: String,
+        handle: SandboxHandle,
+        mut end_rx: watch::Receiver<DateTime<Utc>>,
+    ) {
+        let exited = self.inner.runtime.exited(&handle);
+        tokio::pin!(exited);
+        let reason = loop {
+            let end_at = *end_rx.borrow_and_update();
+            let left = (end_at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+            tokio::select! {
+                () = &mut exited => break "its PID 1 exited",
+                () = tokio::time::sleep(left) => break "it expired",
+                changed = end_rx.changed() => {
+                    if changed.is_err() {
+                        return; // killed by someone else
+                    }
+                }
+            }
+        };
+        // Only the watcher of a sandbox that is still tracked reaps it.
+        if self.untrack(&id).is_none() {
+            return;
+        }
+        tracing::info!(%id, "reaping sandbox: {reason}");
+        if let Err(e) = self.inner.runtime.destroy(&handle).await {
+            tracing::error!(%id, error = %e, "destroying sandbox failed; keeping its row for a retry");
+            return;
+        }
+        if let Err(e) = self.inner.store.delete_sandbox(&id).await {
+            tracing::error!(%id, error = %e, "deleting sandbox row");
+        }
+    }
+}
+
+/// Checks a client-supplied timeout in seconds: > 0 and at most [`MAX_TIMEOUT`].
+pub fn validate_timeout(seconds: i64) -> Result<Duration, CoreError> {
+    if seconds <= 0 {
+        return Err(CoreError::InvalidArgument(
+            "Timeout must be greater than 0".into(),
+        ));
+    }
+    let d = Duration::from_secs(seconds.unsigned_abs());
+    validate_timeout_duration(d)?;
+    Ok(d)
+}
+
+fn validate_timeout_duration(d: Duration) -> Result<(), CoreError> {
+    if d.is_zero() {
+        return Err(CoreError::InvalidArgument(
+            "Timeout must be greater than 0".into(),
+        ));
+    }
+    if d > MAX_TIMEOUT {
+        return Err(CoreError::InvalidArgument(format!(
+            "Timeout cannot be greater than {} hours",
+            MAX_TIMEOUT.as_secs() / 3600
+        )));
+    }
+    Ok(())
+}
+
+fn to_chrono(d: Duration) -> Result<chrono::Duration, CoreError> {
+    chrono::Duration::from_std(d).map_err(|e| CoreError::InvalidArgument(format!("timeout: {e}")))
+}
+
+/// Now, truncated to milliseconds (what the database keeps).
+fn now_millis() -> DateTime<Utc> {
+    let now = Utc::now();
+    DateTime::from_timestamp_millis(now.timestamp_millis()).unwrap_or(now)
+}
+
+fn info_from(r: SandboxRecord) -> SandboxInfo {
+    SandboxInfo {
+        id: r.id,
+        template_id: r.template_id,
+        alias: r.alias,
+        metadata: r.metadata,
+        access_token: r.access_token,
+        started_at: r.started_at,
+        end_at: r.end_at,
+        cpu_count: r.cpu_count,
+        memory_mb: r.memory_mb,
+        disk_mb: r.disk_mb,
+        state: r.state,
+    }
+}
+
+/// Page token: hex of `<started_at ms>_<id>` (opaque to clients).
+fn encode_token(r: &SandboxRecord) -> String {
+    hex::encode(format!("{}_{}", r.started_at.timestamp_millis(), r.id))
+}
+
+fn decode_token(token: &str) -> Result<Cursor, CoreError> {
+    let invalid = || CoreError::InvalidArgument(format!("invalid next token '{token}'"));
+    let raw = hex::decode(token).map_err(|_| invalid())?;
+    let raw = String::from_utf8(raw).map_err(|_| invalid())?;
+    let (ms, id) = raw.split_once('_').ok_or_else(invalid)?;
+    let ms: i64 = ms.parse().map_err(|_| invalid())?;
+    Ok(Cursor {
+        started_at: DateTime::from_timestamp_millis(ms).ok_or_else(invalid)?,
+        id: id.to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_are_validated() {
+        assert!(validate_timeout(0).is_err());
+        assert!(validate_timeout(-5).is_err());
+        assert!(validate_timeout(24 * 3600 + 1).is_err());
+        assert_eq!(validate_timeout(300).ok(), Some(Duration::from_secs(300)));
+    }
+
+    #[test]
+    fn page_tokens_roundtrip_and_reject_garbage() {
+        let rec = SandboxRecord {
+            id: "abc".into(),
+            template_id: "base".into(),
+            alias: None,
+            metadata: BTreeMap::new(),
+            env_vars: BTreeMap::new(),
+            access_token: None,
+            started_at: DateTime::from_timestamp_millis(1234).unwrap_or_default(),
+            end_at: DateTime::from_timestamp_millis(5678).unwrap_or_default(),
+            cpu_count: 1,
+            memory_mb: 1,
+            disk_mb: 1,
+            handle: String::new(),
+            state: SandboxState::Running,
+        };
+        let cursor = decode_token(&encode_token(&rec)).expect("roundtrip");
+        assert_eq!(cursor.id, "abc");
+        assert_eq!(cursor.started_at.timestamp_millis(), 1234);
+        for bad in [
+            "",
+            "zz",
+            &hex::encode("nounderscore"),
+            &hex::encode("x_abc"),
+        ] {
+            assert!(decode_token(bad).is_err(), "{bad}");
+        }
+    }
+}
