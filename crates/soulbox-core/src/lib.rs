@@ -43,6 +43,9 @@ pub enum CoreError {
     TemplateNotFound(String),
     #[error("{0}")]
     InvalidArgument(String),
+    /// The host cannot take another sandbox right now (503: clients may retry).
+    #[error("no capacity for another sandbox: {0}")]
+    Capacity(String),
     #[error("runtime: {0}")]
     Runtime(#[from] RuntimeError),
     #[error("store: {0}")]
@@ -237,7 +240,10 @@ impl Manager {
                 ..Limits::default()
             },
         };
-        let handle = inner.runtime.create(&spec).await?;
+        let handle = inner.runtime.create(&spec).await.map_err(|e| match e {
+            RuntimeError::NoUidRange => CoreError::Capacity(e.to_string()),
+            e => CoreError::Runtime(e),
+        })?;
         let setup = async {
             let init = InitRequest {
                 sandbox_id: id.clone(),

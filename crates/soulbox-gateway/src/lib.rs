@@ -1,1 +1,347 @@
 //! Sandbox traffic gateway: routes envd/interpreter/user-port requests to sandbox agents.
+//!
+//! A reverse proxy on its own listener. It finds the sandbox a request is for (routing headers,
+//! else Host, else, for a signed `/files` URL, the sandbox whose token made the signature),
+//! enforces that sandbox's access token, and streams the request to the agent's unix socket and
+//! the answer back without buffering (Connect streams flush per envelope).
+//!
+//! What sandboxed code can do with this: nothing it could not do anyway. The gateway never
+//! forwards `/_soulbox/*` (the agent's internal endpoints), strips `X-Access-Token` before
+//! forwarding so the agent never sees it, and only relays the agent's answers; a sandbox can
+//! only answer for itself, because each route is the sandbox's own host-side socket.
+
+mod auth;
+mod routing;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use soulbox_core::{Manager, Route};
+use soulbox_wire::rest::{GatewayError, PORT_NOT_OPEN_MESSAGE, SANDBOX_NOT_FOUND_MESSAGE};
+use tokio::net::{TcpListener, UnixStream};
+
+pub use auth::{SignedParams, signature};
+pub use routing::{Target, is_internal};
+
+/// The envd port: the only sandbox port served until user-port tunnels exist.
+pub const ENVD_PORT: u16 = 49983;
+/// How long shutdown waits for in-flight requests before dropping them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+const UNAUTHORIZED_MESSAGE: &str =
+    "unauthorized access, please provide a valid access token or method signing if supported";
+
+type Body = Either<Incoming, Full<Bytes>>;
+
+/// Serves the gateway on `listener` until `shutdown` resolves, then lets in-flight requests
+/// finish for up to [`SHUTDOWN_GRACE`].
+pub async fn serve(
+    listener: TcpListener,
+    manager: Manager,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let manager = Arc::new(manager);
+    let graceful = GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of fds and the like: keep serving the connections we have.
+                    tracing::warn!(error = %e, "gateway accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "setting TCP_NODELAY");
+        }
+        let m = manager.clone();
+        let service = service_fn(move |req| {
+            let m = m.clone();
+            async move { Ok::<_, Infallible>(handle(&m, req).await) }
+        });
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "gateway connection ended with an error");
+            }
+        });
+    }
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::info!("gateway shutdown: dropping requests still in flight");
+    }
+    Ok(())
+}
+
+/// Answers one request.
+pub async fn handle(manager: &Manager, req: Request<Incoming>) -> Response<Body> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    let target = match routing::target(req.headers(), host) {
+        Ok(t) => t,
+        Err(e) => return envd_error(StatusCode::BAD_REQUEST, &e.to_string()),
+    };
+    if routing::is_internal(req.uri().path()) {
+        return envd_error(StatusCode::NOT_FOUND, "not found");
+    }
+    let (route, port, signed) = match target {
+        Some(t) => match manager.route(&t.sandbox_id) {
+            Some(route) => (route, t.port, false),
+            None => return not_found(&t.sandbox_id),
+        },
+        None => {
+            if req.uri().path() == "/health" {
+                return text(StatusCode::OK, "OK");
+            }
+            match route_by_signature(manager, &req) {
+                Some(route) => (route, ENVD_PORT, true),
+                None => {
+                    return envd_error(
+                        StatusCode::BAD_REQUEST,
+                        "no sandbox addressed: send E2b-Sandbox-Id and E2b-Sandbox-Port, \
+                         or use the host <port>-<sandbox id>.<domain>",
+                    );
+                }
+            }
+        }
+    };
+    if port != ENVD_PORT {
+        return port_not_open(&route.sandbox_id, port);
+    }
+    if !signed && !authorized(&route, &req) {
+        return envd_error(StatusCode::UNAUTHORIZED, UNAUTHORIZED_MESSAGE);
+    }
+    forward(manager, &route, req).await
+}
+
+/// Whether the request may reach the sandbox's envd (protocol doc §4.1).
+fn authorized(route: &Route, req: &Request<Incoming>) -> bool {
+    let Some(token) = route.access_token.as_deref() else {
+        return true;
+    };
+    let path = req.uri().path();
+    if path == "/health" {
+        return true;
+    }
+    if let Some(given) = req.headers().get("x-access-token") {
+        return auth::ct_eq(given.as_bytes(), token.as_bytes());
+    }
+    match file_operation(req) {
+        Some(op) => SignedParams::from_query(req.uri().query()).verify(op, token, unix_now()),
+        None => false,
+    }
+}
+
+/// `read`/`write` for `GET`/`POST /files`, the requests a signature can authorise.
+fn file_operation<B>(req: &Request<B>) -> Option<&'static str> {
+    if req.uri().path() != "/files" {
+        return None;
+    }
+    match *req.method() {
+        Method::GET => Some("read"),
+        Method::POST => Some("write"),
+        _ => None,
+    }
+}
+
+/// A signed `/files` URL in single-URL mode names no sandbox: find the one whose token made
+/// the signature.
+fn route_by_signature(manager: &Manager, req: &Request<Incoming>) -> Option<Arc<Route>> {
+    let op = file_operation(req)?;
+    let params = SignedParams::from_query(req.uri().query());
+    params.signature.as_ref()?;
+    let now = unix_now();
+    manager.find_route(|r| {
+        r.access_token
+            .as_deref()
+            .is_some_and(|token| params.verify(op, token, now))
+    })
+}
+
+fn unix_now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+async fn forward(manager: &Manager, route: &Route, req: Request<Incoming>) -> Response<Body> {
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove("x-access-token");
+    if !parts.headers.contains_key(header::HOST) {
+        parts
+            .headers
+            .insert(header::HOST, HeaderValue::from_static("localhost"));
+    }
+    parts.version = Version::HTTP_11;
+    // The agent gets origin-form targets (`/path?query`), whatever the client sent.
+    if let Some(pq) = parts.uri.path_and_query().cloned() {
+        parts.uri = pq.into();
+    }
+    let req = Request::from_parts(parts, body);
+
+    let stream = match UnixStream::connect(&route.socket_path).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(id = %route.sandbox_id, error = %e, "connecting to the agent");
+            return not_found(&route.sandbox_id);
+        }
+    };
+    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+    {
+        Ok(pair) => pair,
+        Err(e) => return agent_unreachable(manager, route, &e),
+    };
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "agent connection ended with an error");
+        }
+    });
+    match sender.send_request(req).await {
+        Ok(response) => {
+            let (mut parts, body) = response.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, Either::Left(body))
+        }
+        Err(e) => agent_unreachable(manager, route, &e),
+    }
+}
+
+/// 502 for a failed exchange with the agent: "was not found" when the sandbox is gone by now.
+fn agent_unreachable(manager: &Manager, route: &Route, e: &hyper::Error) -> Response<Body> {
+    tracing::debug!(id = %route.sandbox_id, error = %e, "proxying to the agent");
+    if manager.route(&route.sandbox_id).is_none() {
+        return not_found(&route.sandbox_id);
+    }
+    envd_error(
+        StatusCode::BAD_GATEWAY,
+        &format!("error talking to the sandbox's agent: {e}"),
+    )
+}
+
+/// Removes the headers that describe one connection, not the message (RFC 9110 §7.6.1).
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+}
+
+fn not_found(sandbox_id: &str) -> Response<Body> {
+    gateway_error(GatewayError {
+        sandbox_id: sandbox_id.to_owned(),
+        message: SANDBOX_NOT_FOUND_MESSAGE.to_owned(),
+        port: None,
+        code: StatusCode::BAD_GATEWAY.as_u16(),
+    })
+}
+
+fn port_not_open(sandbox_id: &str, port: u16) -> Response<Body> {
+    gateway_error(GatewayError {
+        sandbox_id: sandbox_id.to_owned(),
+        message: PORT_NOT_OPEN_MESSAGE.to_owned(),
+        port: Some(port),
+        code: StatusCode::BAD_GATEWAY.as_u16(),
+    })
+}
+
+fn gateway_error(body: GatewayError) -> Response<Body> {
+    json(
+        StatusCode::BAD_GATEWAY,
+        serde_json::to_vec(&body).unwrap_or_default(),
+    )
+}
+
+/// envd's error body: `{"code": status, "message": …}`.
+fn envd_error(status: StatusCode, message: &str) -> Response<Body> {
+    let body = serde_json::json!({ "code": status.as_u16(), "message": message });
+    json(status, serde_json::to_vec(&body).unwrap_or_default())
+}
+
+fn json(status: StatusCode, body: Vec<u8>) -> Response<Body> {
+    let mut r = Response::new(Either::Right(Full::new(Bytes::from(body))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(Either::Right(Full::new(Bytes::from_static(
+        body.as_bytes(),
+    ))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed_including_listed_ones() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key(header::CONTENT_TYPE));
+    }
+}
