@@ -2,16 +2,52 @@
 
 use std::net::SocketAddr;
 
+use anyhow::Context;
+
 #[derive(clap::Args)]
 pub struct AgentArgs {
     /// Inherited listening unix socket (how the runtime starts the agent).
-    #[arg(long, conflicts_with = "listen")]
+    #[arg(long, conflicts_with = "listen", required_unless_present = "listen")]
     pub fd: Option<i32>,
-    /// Listen on TCP instead, outside any sandbox (development).
+    /// Listen on TCP instead, outside any sandbox (development: not PID 1, touches no
+    /// system files, and runs processes as other users only when started as root).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
 }
 
-pub fn run(_args: AgentArgs) -> anyhow::Result<()> {
-    anyhow::bail!("soulbox agent is not wired yet")
+pub fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let (listener, mode) = match (args.fd, args.listen) {
+        (Some(fd), _) => {
+            anyhow::ensure!(
+                fd > 2,
+                "--fd must name an inherited descriptor above 2, got {fd}"
+            );
+            // SAFETY: the runtime passes the listening socket as this fd and nothing else in
+            // this process owns it; from_inherited_fd checks it really is a socket.
+            let l = unsafe { soulbox_agent::Listener::from_inherited_fd(fd) }
+                .with_context(|| format!("fd {fd} is not a listening unix socket"))?;
+            (l, soulbox_agent::Mode::Sandbox)
+        }
+        (None, Some(addr)) => {
+            let l = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+            if std::process::id() != 1 {
+                tracing::info!(
+                    "development mode: not PID 1, orphans of other processes are not reaped"
+                );
+            }
+            (
+                soulbox_agent::Listener::Tcp(l),
+                soulbox_agent::Mode::Development,
+            )
+        }
+        (None, None) => anyhow::bail!("one of --fd or --listen is required"),
+    };
+    soulbox_agent::run(listener, mode).context("agent stopped")
 }

@@ -1,0 +1,245 @@
+//! Listener, connection handling and routing.
+
+use std::convert::Infallible;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use http::{HeaderMap, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use soulbox_wire::agent::{INIT_PATH, InitRequest};
+use soulbox_wire::connect::{Code, ConnectError};
+use soulbox_wire::envd::{FILESYSTEM_SERVICE, PROCESS_SERVICE};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::http::{Body, error, json, status};
+use crate::users::User;
+use crate::{Agent, Mode};
+
+/// Where the agent listens.
+#[derive(Debug)]
+pub enum Listener {
+    /// The listening unix socket the host created and passed in (`--fd`).
+    Unix(std::os::unix::net::UnixListener),
+    /// A TCP listener for development (`--listen`).
+    Tcp(std::net::TcpListener),
+}
+
+impl Listener {
+    /// Wraps an inherited listening socket. The fd is marked close-on-exec so that no process
+    /// started in the sandbox inherits it (it could otherwise accept the host's connections).
+    ///
+    /// # Safety
+    /// `fd` must be an open listening unix socket that nothing else owns.
+    pub unsafe fn from_inherited_fd(fd: std::os::fd::RawFd) -> std::io::Result<Listener> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: the caller guarantees `fd` is an open, otherwise unowned listening socket;
+        // ownership moves into the UnixListener, which closes it on drop.
+        let listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
+        let flags = nix::fcntl::fcntl(&listener, nix::fcntl::FcntlArg::F_GETFD)?;
+        let flags = nix::fcntl::FdFlag::from_bits_retain(flags) | nix::fcntl::FdFlag::FD_CLOEXEC;
+        nix::fcntl::fcntl(&listener, nix::fcntl::FcntlArg::F_SETFD(flags))?;
+        // Fails unless it really is a socket.
+        listener.local_addr()?;
+        Ok(Listener::Unix(listener))
+    }
+}
+
+pub(crate) async fn serve(listener: Listener, agent: Arc<Agent>) -> std::io::Result<()> {
+    match listener {
+        Listener::Unix(l) => {
+            l.set_nonblocking(true)?;
+            let l = tokio::net::UnixListener::from_std(l)?;
+            tracing::info!(fd = l.as_raw_fd(), "agent serving on inherited unix socket");
+            loop {
+                match l.accept().await {
+                    Ok((s, _)) => spawn_connection(s, agent.clone()),
+                    Err(e) => accept_failed(e).await,
+                }
+            }
+        }
+        Listener::Tcp(l) => {
+            l.set_nonblocking(true)?;
+            let l = tokio::net::TcpListener::from_std(l)?;
+            tracing::info!(addr = %l.local_addr()?, "agent serving on TCP");
+            loop {
+                match l.accept().await {
+                    Ok((s, _)) => {
+                        // Without it small requests stall ~40 ms on delayed ACKs.
+                        let _ = s.set_nodelay(true);
+                        spawn_connection(s, agent.clone());
+                    }
+                    Err(e) => accept_failed(e).await,
+                }
+            }
+        }
+    }
+}
+
+/// Out of fds or similar: back off instead of spinning, keep serving.
+async fn accept_failed(e: std::io::Error) {
+    tracing::warn!("accept failed: {e}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+fn spawn_connection<S>(stream: S, agent: Arc<Agent>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let service = service_fn(move |req| {
+            let agent = agent.clone();
+            async move { Ok::<_, Infallible>(route(agent, req).await) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(60))
+            .serve_connection(TokioIo::new(stream), service);
+        if let Err(e) = conn.await {
+            tracing::debug!("connection ended: {e}");
+        }
+    });
+}
+
+async fn route(agent: Arc<Agent>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    match (method, path.as_str()) {
+        (Method::GET | Method::HEAD, "/health") => status(StatusCode::NO_CONTENT),
+        (Method::POST, INIT_PATH) => init(&agent, req).await,
+        (Method::GET, "/envs") => {
+            let cfg = agent.config();
+            json(StatusCode::OK, &serde_json::json!(cfg.env_vars))
+        }
+        (Method::GET | Method::HEAD, "/files") => crate::files::download(agent, req).await,
+        (Method::POST, "/files") => crate::files::upload(agent, req).await,
+        (_, "/files") => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+        _ => {
+            if let Some(m) = rpc_method(&path, PROCESS_SERVICE) {
+                crate::process::dispatch(agent, m, req).await
+            } else if let Some(m) = rpc_method(&path, FILESYSTEM_SERVICE) {
+                crate::fs::dispatch(agent, m, req).await
+            } else {
+                error(StatusCode::NOT_FOUND, format!("no route for {path}"))
+            }
+        }
+    }
+}
+
+fn rpc_method<'a>(path: &'a str, service: &str) -> Option<&'a str> {
+    path.strip_prefix('/')?
+        .strip_prefix(service)?
+        .strip_prefix('/')
+}
+
+/// `POST /_soulbox/init`: global environment and defaults, `/run/e2b/*` in a sandbox.
+async fn init(agent: &Agent, req: Request<Incoming>) -> Response<Body> {
+    let body = match Limited::new(req.into_body(), 1 << 20).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, format!("bad init body: {e}")),
+    };
+    let init: InitRequest = match serde_json::from_slice(&body) {
+        Ok(i) => i,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad init body: {e}")),
+    };
+    if agent.mode == Mode::Sandbox
+        && let Err(e) = write_run_files(&init)
+    {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("writing /run/e2b failed: {e}"),
+        );
+    }
+    let mut cfg = agent.config.write().unwrap_or_else(|e| e.into_inner());
+    cfg.env_vars = init.env_vars.into_iter().collect();
+    cfg.env_vars.insert("E2B_SANDBOX".into(), "true".into());
+    cfg.env_vars
+        .insert("E2B_SANDBOX_ID".into(), init.sandbox_id.clone());
+    cfg.env_vars
+        .insert("E2B_TEMPLATE_ID".into(), init.template_id.clone());
+    cfg.default_user = init.default_user.filter(|u| !u.is_empty());
+    cfg.default_workdir = init
+        .default_workdir
+        .filter(|w| w.starts_with('/'))
+        .map(|w| crate::users::clean(std::path::Path::new(&w)));
+    status(StatusCode::NO_CONTENT)
+}
+
+fn write_run_files(init: &InitRequest) -> std::io::Result<()> {
+    let dir = std::path::Path::new("/run/e2b");
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join(".E2B_SANDBOX"), "true")?;
+    std::fs::write(dir.join(".E2B_SANDBOX_ID"), &init.sandbox_id)?;
+    std::fs::write(dir.join(".E2B_TEMPLATE_ID"), &init.template_id)?;
+    Ok(())
+}
+
+/// Why a request's user cannot be served.
+pub(crate) enum UserError {
+    Unknown(String),
+    Forbidden(String),
+}
+
+impl From<UserError> for ConnectError {
+    fn from(e: UserError) -> Self {
+        match e {
+            UserError::Unknown(m) => ConnectError::new(Code::Unauthenticated, m),
+            UserError::Forbidden(m) => ConnectError::new(Code::PermissionDenied, m),
+        }
+    }
+}
+
+impl Agent {
+    /// The user a request acts as: `name`, else the configured default, else `root` (or,
+    /// unprivileged, ourselves).
+    pub(crate) fn user(&self, name: Option<&str>) -> Result<User, UserError> {
+        let cfg_default;
+        let name = match name.filter(|n| !n.is_empty()) {
+            Some(n) => n,
+            None => {
+                cfg_default = self.config().default_user.unwrap_or_else(|| {
+                    if self.privileged {
+                        "root".to_string()
+                    } else {
+                        self.users.user_name(self.our_uid)
+                    }
+                });
+                &cfg_default
+            }
+        };
+        let user = self
+            .users
+            .lookup(name)
+            .ok_or_else(|| UserError::Unknown(format!("error looking up user '{name}'")))?;
+        if !self.privileged && user.uid != self.our_uid {
+            return Err(UserError::Forbidden(format!(
+                "the agent runs unprivileged as uid {} and cannot act as user '{name}'",
+                self.our_uid
+            )));
+        }
+        Ok(user)
+    }
+
+    /// The user of an RPC, from `Authorization: Basic base64("<user>:")`.
+    pub(crate) fn rpc_user(&self, headers: &HeaderMap) -> Result<User, ConnectError> {
+        let Some(v) = headers.get(header::AUTHORIZATION) else {
+            return Ok(self.user(None)?);
+        };
+        let bad = || ConnectError::new(Code::Unauthenticated, "invalid Authorization header");
+        let v = v.to_str().map_err(|_| bad())?;
+        let (scheme, b64) = v.trim().split_once(' ').ok_or_else(bad)?;
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return Err(bad());
+        }
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .map_err(|_| bad())?;
+        let decoded = String::from_utf8(decoded).map_err(|_| bad())?;
+        let name = decoded.split_once(':').map_or(decoded.as_str(), |(u, _)| u);
+        Ok(self.user(Some(name))?)
+    }
+}
