@@ -51,6 +51,11 @@ pub enum AgentError {
 
 /// Runs the agent until the listener fails. Builds its own current-thread runtime.
 pub fn run(listener: Listener, mode: Mode) -> Result<(), AgentError> {
+    if mode == Mode::Development {
+        // Outside a sandbox we are not PID 1: become the subreaper of our descendants so
+        // orphans are reaped here, exactly as they would be inside a sandbox.
+        nix::sys::prctl::set_child_subreaper(true).map_err(std::io::Error::from)?;
+    }
     reaper::start();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()

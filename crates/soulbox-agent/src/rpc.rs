@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -114,18 +114,32 @@ impl Call {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > MAX_MESSAGE_BYTES as u64) {
+            drain(self.body).await;
             return Err(too_large());
         }
-        let bytes = match Limited::new(self.body, MAX_MESSAGE_BYTES).collect().await {
-            Ok(c) => c.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
-            Err(e) => {
-                return Err(unary_error(&ConnectError::new(
-                    Code::Canceled,
-                    format!("reading the request failed: {e}"),
-                )));
+        let mut body = self.body;
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        if buf.len() + data.len() > MAX_MESSAGE_BYTES {
+                            drain(body).await;
+                            return Err(too_large());
+                        }
+                        buf.extend_from_slice(&data);
+                    }
+                }
+                Some(Err(e)) => {
+                    return Err(unary_error(&ConnectError::new(
+                        Code::Canceled,
+                        format!("reading the request failed: {e}"),
+                    )));
+                }
+                None => break,
             }
-        };
+        }
+        let bytes = buf.freeze();
         match codec.decode::<M>(&bytes) {
             Ok(m) => Ok((codec, self.headers, m)),
             Err(e) => Err(unary_error(&e)),
@@ -207,6 +221,24 @@ impl Call {
             }
         })
     }
+}
+
+/// Reads and discards an oversized body (bounded in bytes and time) so the client, which is
+/// still sending, gets to read our 413 instead of a reset connection.
+async fn drain(mut body: Incoming) {
+    const MAX_DRAIN: usize = 256 << 20;
+    let mut seen = 0usize;
+    let _ = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                seen += data.len();
+                if seen > MAX_DRAIN {
+                    break;
+                }
+            }
+        }
+    })
+    .await;
 }
 
 fn too_large() -> Response<Body> {

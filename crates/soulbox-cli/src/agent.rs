@@ -37,11 +37,6 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
         (None, Some(addr)) => {
             let l = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
-            if std::process::id() != 1 {
-                tracing::info!(
-                    "development mode: not PID 1, orphans of other processes are not reaped"
-                );
-            }
             (
                 soulbox_agent::Listener::Tcp(l),
                 soulbox_agent::Mode::Development,

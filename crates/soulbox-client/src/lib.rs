@@ -1,1 +1,3 @@
 //! Rust client for the SoulBox control plane and the envd API (used by the CLI and the benchmark).
+
+pub mod envd;
