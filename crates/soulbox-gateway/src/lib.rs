@@ -116,15 +116,17 @@ pub async fn handle(manager: &Manager, req: Request<Incoming>) -> Response<Body>
             if req.uri().path() == "/health" {
                 return text(StatusCode::OK, "OK");
             }
+            if !is_signed_files(&req) {
+                return envd_error(
+                    StatusCode::BAD_REQUEST,
+                    "no sandbox addressed: send E2b-Sandbox-Id and E2b-Sandbox-Port, \
+                     or use the host <port>-<sandbox id>.<domain>",
+                );
+            }
             match route_by_signature(manager, &req) {
                 Some(route) => (route, ENVD_PORT, true),
-                None => {
-                    return envd_error(
-                        StatusCode::BAD_REQUEST,
-                        "no sandbox addressed: send E2b-Sandbox-Id and E2b-Sandbox-Port, \
-                         or use the host <port>-<sandbox id>.<domain>",
-                    );
-                }
+                // The sandbox that signed it is gone (or never was).
+                None => return not_found(""),
             }
         }
     };
@@ -167,12 +169,19 @@ fn file_operation<B>(req: &Request<B>) -> Option<&'static str> {
     }
 }
 
+/// Whether the request is a `/files` transfer carrying a signature.
+fn is_signed_files<B>(req: &Request<B>) -> bool {
+    file_operation(req).is_some()
+        && SignedParams::from_query(req.uri().query())
+            .signature
+            .is_some()
+}
+
 /// A signed `/files` URL in single-URL mode names no sandbox: find the one whose token made
 /// the signature.
 fn route_by_signature(manager: &Manager, req: &Request<Incoming>) -> Option<Arc<Route>> {
     let op = file_operation(req)?;
     let params = SignedParams::from_query(req.uri().query());
-    params.signature.as_ref()?;
     let now = unix_now();
     manager.find_route(|r| {
         r.access_token
