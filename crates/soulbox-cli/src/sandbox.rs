@@ -1,19 +1,195 @@
 //! `soulbox sandbox …`: talks to a running server like the E2B SDKs do.
 
+use std::collections::BTreeMap;
+
+use anyhow::{Context, bail};
+use soulbox_client::rest::{ListFilter, RestClient};
+use soulbox_wire::rest::{NewSandbox, SandboxState};
+
 #[derive(clap::Args)]
 pub struct SandboxArgs {
+    /// Control-plane URL of the server.
+    #[arg(
+        long,
+        global = true,
+        env = "E2B_API_URL",
+        default_value = "http://127.0.0.1:3000"
+    )]
+    pub api_url: String,
+    /// API key (`e2b_…`).
+    #[arg(long, global = true, env = "E2B_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     #[command(subcommand)]
     pub command: SandboxCommand,
 }
 
 #[derive(clap::Subcommand)]
 pub enum SandboxCommand {
+    /// Create a sandbox and print its ID.
+    Create(CreateArgs),
+    /// List sandboxes.
+    List(ListArgs),
+    /// Show one sandbox as JSON.
+    Info {
+        /// Sandbox ID.
+        id: String,
+    },
+    /// Kill a sandbox.
+    Kill {
+        /// Sandbox ID.
+        id: String,
+    },
     /// Run a command in a sandbox, streaming its output.
     Exec(crate::sandbox_exec::ExecArgs),
+    /// Open an interactive terminal (PTY) in a sandbox.
+    Shell(crate::sandbox_exec::ShellArgs),
+}
+
+#[derive(clap::Args)]
+pub struct CreateArgs {
+    /// Template name.
+    #[arg(long, short, default_value = "base")]
+    pub template: String,
+    /// Seconds until the sandbox expires.
+    #[arg(long, default_value_t = 300)]
+    pub timeout: i64,
+    /// Metadata `KEY=VALUE` (repeatable).
+    #[arg(long = "metadata", short, value_parser = key_value)]
+    pub metadata: Vec<(String, String)>,
+    /// Environment variable `KEY=VALUE` for every process in the sandbox (repeatable).
+    #[arg(long = "env", short, value_parser = key_value)]
+    pub env: Vec<(String, String)>,
+    /// Print the whole create response as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct ListArgs {
+    /// Only sandboxes with this metadata `KEY=VALUE` (repeatable; all must match).
+    #[arg(long = "metadata", short, value_parser = key_value)]
+    pub metadata: Vec<(String, String)>,
+    /// Only sandboxes in this state (`running`, `paused`; repeatable).
+    #[arg(long = "state", value_parser = state)]
+    pub states: Vec<SandboxState>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 pub fn run(args: SandboxArgs) -> anyhow::Result<()> {
+    let api = (args.api_url, args.api_key);
     match args.command {
+        SandboxCommand::Create(a) => rest(api, |c| async move { create(&c, a).await }),
+        SandboxCommand::List(a) => rest(api, |c| async move { list(&c, a).await }),
+        SandboxCommand::Info { id } => rest(api, |c| async move { info(&c, &id).await }),
+        SandboxCommand::Kill { id } => rest(api, |c| async move { kill(&c, &id).await }),
         SandboxCommand::Exec(a) => crate::sandbox_exec::exec(a),
+        SandboxCommand::Shell(a) => crate::sandbox_exec::shell(a, api),
     }
+}
+
+/// Runs one control-plane command with a client for `(url, key)`.
+fn rest<F, Fut>((url, key): (String, Option<String>), command: F) -> anyhow::Result<()>
+where
+    F: FnOnce(RestClient) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let key = key.context("no API key: pass --api-key or set E2B_API_KEY")?;
+    let client = RestClient::new(&url, &key)?;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(command(client))
+}
+
+async fn create(client: &RestClient, a: CreateArgs) -> anyhow::Result<()> {
+    let sandbox = client
+        .create(&NewSandbox {
+            template_id: a.template,
+            timeout: Some(a.timeout),
+            metadata: Some(a.metadata.into_iter().collect()),
+            env_vars: Some(a.env.into_iter().collect()),
+            ..NewSandbox::default()
+        })
+        .await
+        .context("creating the sandbox")?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&sandbox)?);
+    } else {
+        println!("{}", sandbox.sandbox_id);
+    }
+    Ok(())
+}
+
+async fn list(client: &RestClient, a: ListArgs) -> anyhow::Result<()> {
+    let mut filter = ListFilter {
+        metadata: a.metadata.into_iter().collect::<BTreeMap<_, _>>(),
+        states: a.states,
+        limit: Some(100),
+        next_token: None,
+    };
+    let mut all = Vec::new();
+    loop {
+        let (page, next) = client.list(&filter).await.context("listing sandboxes")?;
+        all.extend(page);
+        match next {
+            Some(token) => filter.next_token = Some(token),
+            None => break,
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+        return Ok(());
+    }
+    println!(
+        "{:<20}  {:<12}  {:<8}  {:<20}  {:<20}  METADATA",
+        "ID", "TEMPLATE", "STATE", "STARTED", "ENDS"
+    );
+    for s in all {
+        let metadata: Vec<String> = s.metadata.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!(
+            "{:<20}  {:<12}  {:<8}  {:<20}  {:<20}  {}",
+            s.sandbox_id,
+            s.alias.as_deref().unwrap_or(&s.template_id),
+            s.state.as_str(),
+            s.started_at.format("%Y-%m-%d %H:%M:%S"),
+            s.end_at.format("%Y-%m-%d %H:%M:%S"),
+            metadata.join(",")
+        );
+    }
+    Ok(())
+}
+
+async fn info(client: &RestClient, id: &str) -> anyhow::Result<()> {
+    let detail = client
+        .get(id)
+        .await
+        .with_context(|| format!("sandbox {id}"))?;
+    println!("{}", serde_json::to_string_pretty(&detail)?);
+    Ok(())
+}
+
+async fn kill(client: &RestClient, id: &str) -> anyhow::Result<()> {
+    match client.kill(id).await {
+        Ok(()) => {
+            println!("killed {id}");
+            Ok(())
+        }
+        Err(e) if e.status() == Some(http::StatusCode::NOT_FOUND) => {
+            bail!("sandbox {id} not found")
+        }
+        Err(e) => Err(e).with_context(|| format!("killing {id}")),
+    }
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got '{s}'"))
+}
+
+fn state(s: &str) -> Result<SandboxState, String> {
+    SandboxState::parse(s).ok_or_else(|| format!("expected running or paused, got '{s}'"))
 }

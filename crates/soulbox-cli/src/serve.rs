@@ -1,12 +1,29 @@
 //! `soulbox serve`: wires store, runtime, templates, API and gateway together.
 
+use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use chrono::Utc;
+use sha2::{Digest, Sha256};
+use soulbox_core::{Manager, ManagerConfig};
+use soulbox_runtime::{Runtime, RuntimeConfig};
+use soulbox_store::{Store, TemplateRecord};
+use soulbox_templates::Templates;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+const DEFAULT_DATA_DIR: &str = "/var/lib/soulbox";
+
+/// Environment variable that fixes the admin API key instead of generating one.
+const ADMIN_KEY_ENV: &str = "SOULBOX_ADMIN_KEY";
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
     /// Where state lives: database, templates, per-sandbox directories.
-    #[arg(long, default_value = "/var/lib/soulbox")]
+    #[arg(long, default_value = DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
     /// Control-plane listener (E2B_API_URL).
     #[arg(long, default_value = "127.0.0.1:3000")]
@@ -17,8 +34,254 @@ pub struct ServeArgs {
     /// Domain for host-based routing (`<port>-<id>.<domain>`).
     #[arg(long)]
     pub domain: Option<String>,
+    /// Parent cgroup of this server's sandboxes. The default is `soulbox` for the default data
+    /// dir and `soulbox-<hash of the data dir>` otherwise, so that servers on different data
+    /// dirs never reap each other's sandboxes.
+    #[arg(long, hide = true)]
+    pub cgroup_name: Option<String>,
 }
 
-pub fn run(_args: ServeArgs) -> anyhow::Result<()> {
-    anyhow::bail!("soulbox serve is not wired yet")
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(serve(args))
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let data = args.data_dir.as_path();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data)
+        .with_context(|| format!("creating the data dir {}", data.display()))?;
+    // Two servers on one data dir would reap each other's sandboxes.
+    let lock_path = data.join("serve.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
+    if lock.try_lock().is_err() {
+        bail!(
+            "another `soulbox serve` is using {} (lock {})",
+            data.display(),
+            lock_path.display()
+        );
+    }
+
+    let admin_key = admin_key(data)?;
+    let store = Store::open(&data.join("soulbox.db"))
+        .await
+        .context("opening the database")?;
+    store
+        .add_api_key(&admin_key, "admin")
+        .await
+        .context("storing the admin key")?;
+
+    let templates = Templates::new(data.join("templates"));
+    let base = ensure_base_template(&templates).await?;
+    store
+        .upsert_template(&TemplateRecord {
+            name: soulbox_templates::BASE.to_owned(),
+            layers: vec![base],
+            cpu_count: soulbox_templates::BASE_CPU_COUNT,
+            memory_mb: soulbox_templates::BASE_MEMORY_MB,
+            disk_mb: soulbox_templates::BASE_DISK_MB,
+            default_user: soulbox_templates::DEFAULT_USER.to_owned(),
+            default_workdir: soulbox_templates::DEFAULT_WORKDIR.to_owned(),
+            created_at: Utc::now(),
+        })
+        .await
+        .context("registering the base template")?;
+
+    let runtime = Runtime::new(RuntimeConfig {
+        state_dir: data.join("sandboxes"),
+        agent_binary: std::env::current_exe().context("locating the soulbox binary")?,
+        cgroup_name: match &args.cgroup_name {
+            Some(name) => name.clone(),
+            None => cgroup_name(data)?,
+        },
+    })
+    .context("starting the sandbox runtime")?;
+    let manager = Manager::start(
+        ManagerConfig {
+            domain: args.domain.clone(),
+            ..ManagerConfig::default()
+        },
+        store.clone(),
+        runtime,
+    )
+    .await
+    .context("re-adopting sandboxes")?;
+    tracing::info!(sandboxes = manager.live_count(), "sandbox manager ready");
+
+    let api = TcpListener::bind(args.api_addr)
+        .await
+        .with_context(|| format!("binding the API to {}", args.api_addr))?;
+    let gateway = TcpListener::bind(args.sandbox_addr)
+        .await
+        .with_context(|| format!("binding the sandbox gateway to {}", args.sandbox_addr))?;
+    let api_url = url_of(api.local_addr()?);
+    let sandbox_url = url_of(gateway.local_addr()?);
+    tracing::info!(%api_url, %sandbox_url, "listening");
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "export E2B_API_URL={api_url}")?;
+        writeln!(out, "export E2B_SANDBOX_URL={sandbox_url}")?;
+        writeln!(out, "export E2B_API_KEY={admin_key}")?;
+        out.flush()?;
+    }
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        match shutdown_signal().await {
+            Ok(name) => tracing::info!("{name}: shutting down (sandboxes keep running)"),
+            Err(e) => tracing::error!(error = %e, "waiting for signals; shutting down"),
+        }
+        stop_tx.send_replace(true);
+    });
+    let (api_result, gateway_result) = tokio::join!(
+        soulbox_api::serve(api, manager.clone(), stopped(stop_rx.clone())),
+        soulbox_gateway::serve(gateway, manager, stopped(stop_rx)),
+    );
+    store.close().await;
+    api_result.context("control-plane server")?;
+    gateway_result.context("sandbox gateway")?;
+    drop(lock);
+    Ok(())
+}
+
+/// The admin key: `SOULBOX_ADMIN_KEY`, else `$DATA/admin.key`, else a new one written there
+/// (0600).
+fn admin_key(data: &Path) -> anyhow::Result<String> {
+    if let Ok(key) = std::env::var(ADMIN_KEY_ENV) {
+        if !soulbox_store::is_api_key_format(&key) {
+            bail!("{ADMIN_KEY_ENV} must be e2b_ followed by 40 lowercase hex characters");
+        }
+        return Ok(key);
+    }
+    let path = data.join("admin.key");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let key = text.trim().to_owned();
+            if !soulbox_store::is_api_key_format(&key) {
+                bail!(
+                    "{} does not hold an API key (e2b_ + 40 lowercase hex); remove it to generate a new one",
+                    path.display()
+                );
+            }
+            return Ok(key);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let key = soulbox_store::generate_api_key();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    writeln!(file, "{key}").with_context(|| format!("writing {}", path.display()))?;
+    file.sync_all()?;
+    tracing::info!(path = %path.display(), "generated the admin API key");
+    Ok(key)
+}
+
+async fn ensure_base_template(templates: &Templates) -> anyhow::Result<PathBuf> {
+    if templates.is_built(soulbox_templates::BASE) {
+        return Ok(templates.rootfs(soulbox_templates::BASE));
+    }
+    tracing::info!(
+        "building the base template from Debian's archive (first start only, about a minute)"
+    );
+    let bar = indicatif::ProgressBar::new(soulbox_templates::progress::TOTAL);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} template base [{bar:40}] {percent:>3}% {elapsed} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    let result = templates.build_base(&bar).await;
+    bar.finish_and_clear();
+    let rootfs = result.context("building the base template")?;
+    tracing::info!(rootfs = %rootfs.display(), "base template ready");
+    Ok(rootfs)
+}
+
+/// `soulbox` for the default data dir, else `soulbox-` + 12 hex digits of the sha256 of the
+/// data dir's canonical path (stable across restarts and upgrades).
+fn cgroup_name(data: &Path) -> anyhow::Result<String> {
+    let canonical = data
+        .canonicalize()
+        .with_context(|| format!("resolving {}", data.display()))?;
+    if canonical == Path::new(DEFAULT_DATA_DIR) {
+        return Ok("soulbox".to_owned());
+    }
+    let digest = Sha256::digest(canonical.as_os_str().as_encoded_bytes());
+    Ok(format!("soulbox-{}", &hex::encode(digest)[..12]))
+}
+
+fn url_of(addr: SocketAddr) -> String {
+    let host = match addr.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => "127.0.0.1".to_owned(),
+        ip if ip.is_unspecified() => "[::1]".to_owned(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        std::net::IpAddr::V4(ip) => ip.to_string(),
+    };
+    format!("http://{host}:{}", addr.port())
+}
+
+async fn shutdown_signal() -> std::io::Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    // An error means the sender is gone, which also means stop.
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cgroup_names_differ_per_data_dir() {
+        let a = tempfile::tempdir().expect("tempdir");
+        let b = tempfile::tempdir().expect("tempdir");
+        let na = cgroup_name(a.path()).expect("name");
+        assert_eq!(na.len(), "soulbox-".len() + 12);
+        assert!(na.starts_with("soulbox-"));
+        assert_ne!(na, cgroup_name(b.path()).expect("name"));
+        assert_eq!(na, cgroup_name(&a.path().join(".")).expect("name"));
+    }
+
+    #[test]
+    fn export_urls() {
+        let a: SocketAddr = "0.0.0.0:3000".parse().expect("addr");
+        assert_eq!(url_of(a), "http://127.0.0.1:3000");
+        let a: SocketAddr = "127.0.0.1:3001".parse().expect("addr");
+        assert_eq!(url_of(a), "http://127.0.0.1:3001");
+        let a: SocketAddr = "[::1]:3001".parse().expect("addr");
+        assert_eq!(url_of(a), "http://[::1]:3001");
+    }
 }
