@@ -32,3 +32,17 @@ pub enum RuntimeError {
     #[error("timed out {0}")]
     Timeout(String),
 }
+
+/// Attaches what was being done to an OS error.
+pub(crate) trait Context<T> {
+    fn ctx<S: Into<String>>(self, what: impl FnOnce() -> S) -> Result<T, RuntimeError>;
+}
+
+impl<T, E: Into<io::Error>> Context<T> for Result<T, E> {
+    fn ctx<S: Into<String>>(self, what: impl FnOnce() -> S) -> Result<T, RuntimeError> {
+        self.map_err(|e| RuntimeError::Io {
+            context: what().into(),
+            source: e.into(),
+        })
+    }
+}

@@ -15,14 +15,30 @@
 //!
 //! See `ARCHITECTURE.md` ("Runtime") for the contract and the module docs for each mechanism.
 
+mod cgroup;
 mod error;
+mod proc;
+mod rootfs;
+mod spawn;
+mod sys;
+mod userns;
 
-use std::collections::HashSet;
-use std::path::PathBuf;
+use std::collections::{BTreeSet, HashSet};
+use std::ffi::CString;
+use std::fs::{self, DirBuilder};
+use std::io::{self, ErrorKind};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
+use rustix::fs::{Gid, Uid, chown};
 use serde::{Deserialize, Serialize};
 
+use crate::error::Context;
 pub use error::RuntimeError;
 
 /// Where the runtime keeps its state and what it runs inside every sandbox.
@@ -89,6 +105,9 @@ pub struct SandboxHandle {
 }
 
 /// Makes, kills and re-adopts sandboxes. Cheap to clone; all clones share state.
+///
+/// Needs root, and a tokio runtime with IO and time drivers for its async methods (the blocking
+/// work runs on tokio's blocking pool).
 #[derive(Clone)]
 pub struct Runtime {
     inner: Arc<Inner>,
@@ -96,54 +115,364 @@ pub struct Runtime {
 
 struct Inner {
     cfg: RuntimeConfig,
+    cgroups: cgroup::Cgroups,
+    /// The host's `/dev/null`, given to every agent as stdin/stdout/stderr.
+    devnull: OwnedFd,
+    /// `state_dir/.attach`, see [`spawn::Plan::attach_point`].
+    attach_point: CString,
+}
+
+/// The directory inside `state_dir` every sandbox's root is attached on (in its own mount
+/// namespace only); not a valid id, so never taken for a sandbox.
+const ATTACH_DIR: &str = ".attach";
+const AGENT_SOCKET: &str = "agent.sock";
+/// How long a sandbox's PID 1 gets to die after SIGKILL before destroy reports a timeout.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The agent's whole environment: nothing of the server's leaks in.
+const AGENT_ENV: [&str; 2] = [
+    "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME=/root",
+];
+
+/// Sandbox ids: 20 characters of `[a-z0-9]` (they name directories, cgroups and the hostname).
+pub(crate) fn valid_id(id: &str) -> bool {
+    id.len() == 20
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+fn check_spec(spec: &SandboxSpec) -> Result<(), RuntimeError> {
+    if !valid_id(&spec.id) {
+        return Err(RuntimeError::InvalidId(spec.id.clone()));
+    }
+    if spec.layers.is_empty() {
+        return Err(RuntimeError::InvalidSpec("no layers".into()));
+    }
+    for layer in &spec.layers {
+        if !layer.is_absolute() || !layer.is_dir() {
+            return Err(RuntimeError::InvalidSpec(format!(
+                "layer {} is not an absolute path to a directory",
+                layer.display()
+            )));
+        }
+    }
+    let l = &spec.limits;
+    if l.cpu_count == 0 || l.memory_mb < 16 || l.memory_mb > (u64::MAX >> 20) || l.pids_max == 0 {
+        return Err(RuntimeError::InvalidSpec(format!(
+            "limits out of range (cpu_count ≥ 1, memory_mb ≥ 16, pids_max ≥ 1): {l:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// Moves `fd` to a number ≥ 4 if it is below, so that setting up descriptors 0–3 in the child
+/// cannot clobber it.
+fn above_stdio(fd: OwnedFd) -> Result<OwnedFd, RuntimeError> {
+    if fd.as_raw_fd() > spawn::AGENT_FD {
+        return Ok(fd);
+    }
+    rustix::io::fcntl_dupfd_cloexec(&fd, spawn::AGENT_FD + 1).ctx(|| "dup descriptor")
+}
+
+fn join_error(e: tokio::task::JoinError) -> RuntimeError {
+    RuntimeError::Io {
+        context: "runtime task".into(),
+        source: io::Error::other(e.to_string()),
+    }
 }
 
 impl Runtime {
     /// Checks the host (root, cgroup layout, agent binary), creates `state_dir` and the parent
     /// cgroups, and reserves the uid ranges of sandboxes whose state directories still exist.
     pub fn new(cfg: RuntimeConfig) -> Result<Runtime, RuntimeError> {
-        let _ = Inner { cfg };
-        Err(RuntimeError::Unsupported(
-            "runtime not implemented yet".into(),
-        ))
+        if !rustix::process::geteuid().is_root() {
+            return Err(RuntimeError::Unsupported(
+                "sandboxes need root (namespaces, cgroups, mounts)".into(),
+            ));
+        }
+        let name = &cfg.cgroup_name;
+        if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']) {
+            return Err(RuntimeError::InvalidSpec(format!(
+                "bad cgroup name {name:?}"
+            )));
+        }
+        let agent = fs::metadata(&cfg.agent_binary)
+            .ctx(|| format!("agent binary {}", cfg.agent_binary.display()))?;
+        if !agent.is_file() {
+            return Err(RuntimeError::InvalidSpec(format!(
+                "agent binary {} is not a file",
+                cfg.agent_binary.display()
+            )));
+        }
+        let host_only = |dir: &Path| -> Result<(), RuntimeError> {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .and_then(|()| fs::set_permissions(dir, fs::Permissions::from_mode(0o700)))
+                .ctx(|| format!("create {}", dir.display()))
+        };
+        host_only(&cfg.state_dir)?;
+        let attach = cfg.state_dir.join(ATTACH_DIR);
+        host_only(&attach)?;
+        let attach_point = CString::new(attach.as_os_str().as_bytes())
+            .map_err(|_| RuntimeError::InvalidSpec("state_dir contains NUL".into()))?;
+        let cgroups = cgroup::Cgroups::new(name)?;
+        let devnull = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .ctx(|| "open /dev/null")?;
+        let devnull = above_stdio(devnull.into())?;
+        for entry in fs::read_dir(&cfg.state_dir).ctx(|| "list state_dir")? {
+            let entry = entry.ctx(|| "list state_dir")?;
+            if entry.file_name().to_str().is_some_and(valid_id)
+                && let Ok(meta) = entry.metadata()
+            {
+                userns::mark_used(meta.gid());
+            }
+        }
+        Ok(Runtime {
+            inner: Arc::new(Inner {
+                cfg,
+                cgroups,
+                devnull,
+                attach_point,
+            }),
+        })
     }
 
     /// Creates and starts a sandbox; returns once its PID 1 has exec'd the agent (the agent
     /// may not be accepting yet: connecting to `socket_path` queues until it does).
     /// A failure leaves nothing behind.
     pub async fn create(&self, spec: &SandboxSpec) -> Result<SandboxHandle, RuntimeError> {
-        let _ = (&self.inner.cfg, spec);
-        Err(RuntimeError::Unsupported(
-            "runtime not implemented yet".into(),
-        ))
+        check_spec(spec)?;
+        let inner = self.inner.clone();
+        let spec = spec.clone();
+        tokio::task::spawn_blocking(move || inner.create(&spec))
+            .await
+            .map_err(join_error)?
     }
 
     /// Kills every process of the sandbox, waits until they are gone, and removes its cgroups,
     /// directories and socket, and frees its uid range. Idempotent.
     pub async fn destroy(&self, h: &SandboxHandle) -> Result<(), RuntimeError> {
-        let _ = h;
-        Err(RuntimeError::Unsupported(
-            "runtime not implemented yet".into(),
-        ))
+        if !valid_id(&h.id) {
+            return Err(RuntimeError::InvalidId(h.id.clone()));
+        }
+        let inner = self.inner.clone();
+        let h = h.clone();
+        tokio::task::spawn_blocking(move || {
+            let pid1 = proc::pidfd_if_same(h.pid, h.start_time).map(|(fd, _)| fd);
+            inner.teardown(&h.id, pid1)
+        })
+        .await
+        .map_err(join_error)?
     }
 
     /// After a restart: is the sandbox's PID 1 still the same live process? If so its uid range
     /// is marked as used.
     pub fn adopt(&self, h: &SandboxHandle) -> bool {
-        let _ = h;
-        false
+        let alive = valid_id(&h.id)
+            && self.inner.dir(&h.id).is_dir()
+            && proc::pidfd_if_same(h.pid, h.start_time).is_some_and(|(_, st)| st.is_alive());
+        alive && userns::mark_used(h.uid_base)
     }
 
-    /// Resolves when the sandbox's PID 1 is gone (immediately if it already is).
+    /// Resolves when the sandbox's PID 1 is gone (immediately if it already is), and reaps it
+    /// if it is our child.
     pub async fn exited(&self, h: &SandboxHandle) {
-        let _ = h;
+        let Some((pidfd, _)) = proc::pidfd_if_same(h.pid, h.start_time) else {
+            return;
+        };
+        // SAFETY: the AsyncFd owns the OwnedFd, which stays open and unchanged until dropped.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
+        };
+        match registered {
+            Ok(fd) => {
+                // A pidfd turns readable exactly when the process exits; errors mean the same.
+                let _ = fd.readable().await;
+                proc::reap(fd.get_ref());
+            }
+            Err(e) => {
+                let (pidfd, e) = e.into_parts();
+                tracing::warn!(error = %e, "cannot watch a sandbox pidfd; waiting on a thread");
+                let _ = tokio::task::spawn_blocking(move || {
+                    let _ = proc::wait_exit(pidfd.as_fd(), None);
+                    proc::reap(&pidfd);
+                })
+                .await;
+            }
+        }
     }
 
     /// Destroys every sandbox the runtime finds traces of (state directories, cgroups and
     /// their processes) whose id is not in `keep`; returns how many it removed. Meant for
-    /// server start, before any `create`.
+    /// server start, before any `create`. Tries every one; reports the first failure.
     pub async fn reap_orphans(&self, keep: &HashSet<String>) -> Result<usize, RuntimeError> {
-        let _ = keep;
-        Ok(0)
+        let inner = self.inner.clone();
+        let keep = keep.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut ids: BTreeSet<String> = inner.cgroups.ids().into_iter().collect();
+            for entry in fs::read_dir(&inner.cfg.state_dir).ctx(|| "list state_dir")? {
+                let name = entry.ctx(|| "list state_dir")?.file_name();
+                if let Some(id) = name.to_str().filter(|n| valid_id(n)) {
+                    ids.insert(id.to_owned());
+                }
+            }
+            let mut reaped = 0;
+            let mut first_error = None;
+            for id in ids.iter().filter(|id| !keep.contains(*id)) {
+                match inner.teardown(id, None) {
+                    Ok(()) => reaped += 1,
+                    Err(e) => {
+                        tracing::warn!(sandbox = %id, error = %e, "reaping orphan failed");
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            first_error.map_or(Ok(reaped), Err)
+        })
+        .await
+        .map_err(join_error)?
+    }
+
+    /// Host paths of the sandbox's cgroup directories (one per hierarchy), whether or not they
+    /// exist. For diagnostics and leak checks.
+    pub fn cgroup_dirs(&self, id: &str) -> Vec<PathBuf> {
+        self.inner.cgroups.dirs(id)
+    }
+}
+
+impl Inner {
+    fn dir(&self, id: &str) -> PathBuf {
+        self.cfg.state_dir.join(id)
+    }
+
+    fn create(&self, spec: &SandboxSpec) -> Result<SandboxHandle, RuntimeError> {
+        let dir = self.dir(&spec.id);
+        match DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                return Err(RuntimeError::AlreadyExists(spec.id.clone()));
+            }
+            Err(e) => return Err(e).ctx(|| format!("mkdir {}", dir.display())),
+        }
+        self.start(spec, &dir).inspect_err(|_| {
+            if let Err(e) = self.teardown(&spec.id, None) {
+                tracing::error!(sandbox = %spec.id, error = %e, "cleaning up a failed create");
+            }
+        })
+    }
+
+    fn start(&self, spec: &SandboxSpec, dir: &Path) -> Result<SandboxHandle, RuntimeError> {
+        let uid_base = userns::reserve().ok_or(RuntimeError::NoUidRange)?;
+        // The state directory's group records the uid range (mode 0700: the group gets no
+        // access), so teardown knows which range to free and a restarted server which are taken.
+        // Not the upper directory's owner: sandbox root can chown its `/`, which is that dir.
+        let range_gid = Gid::from_raw(uid_base);
+        if let Err(e) = chown(dir, None, Some(range_gid)) {
+            userns::release(uid_base);
+            return Err(e).ctx(|| format!("chown {}", dir.display()));
+        }
+        let upper = dir.join(rootfs::UPPER);
+        let work = dir.join(rootfs::WORK);
+        DirBuilder::new()
+            .mode(0o755)
+            .create(&upper)
+            .ctx(|| "mkdir upper")?;
+        let root_uid = Uid::from_raw(uid_base);
+        chown(&upper, Some(root_uid), Some(range_gid)).ctx(|| "chown upper")?;
+        DirBuilder::new()
+            .mode(0o700)
+            .create(&work)
+            .ctx(|| "mkdir work")?;
+
+        let userns = userns::create(uid_base).ctx(|| "create user namespace")?;
+        let tree = rootfs::build(&rootfs::TreeSpec {
+            layers: &spec.layers,
+            state_dir: dir,
+            userns: userns.as_fd(),
+            uid_base,
+            agent_binary: &self.cfg.agent_binary,
+            shm_mb: spec.limits.memory_mb,
+        })?;
+        let socket_path = dir.join(AGENT_SOCKET);
+        let listener =
+            UnixListener::bind(&socket_path).ctx(|| format!("bind {}", socket_path.display()))?;
+        let listener = above_stdio(listener.into())?;
+        let cgroup_procs = self.cgroups.create(&spec.id, &spec.limits)?;
+        let cstr = |s: &str| CString::new(s).map_err(|_| RuntimeError::InvalidSpec(s.into()));
+        let plan = spawn::Plan {
+            cgroup_procs,
+            hostname: spec.id.clone(),
+            tree,
+            attach_point: self.attach_point.clone(),
+            userns,
+            listener,
+            devnull: self.devnull.as_fd(),
+            argv: vec![
+                spawn::AGENT_PATH.to_owned(),
+                cstr("agent")?,
+                cstr("--fd")?,
+                cstr(&spawn::AGENT_FD.to_string())?,
+            ],
+            env: AGENT_ENV
+                .iter()
+                .map(|e| cstr(e))
+                .collect::<Result<_, _>>()?,
+        };
+        let pid = spawn::spawn(&plan)?;
+        drop(plan);
+        match proc::stat(pid) {
+            Ok(st) => Ok(SandboxHandle {
+                id: spec.id.clone(),
+                pid,
+                start_time: st.start_time,
+                uid_base,
+                socket_path,
+            }),
+            Err(e) => {
+                // It died right after exec: collect it before the pid can be reused.
+                if let Some(fd) = proc::pid(pid).and_then(|p| {
+                    rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
+                }) {
+                    proc::kill(fd.as_fd());
+                    let _ = proc::wait_exit(fd.as_fd(), Some(EXIT_TIMEOUT));
+                    proc::reap(&fd);
+                }
+                Err(e).ctx(|| "read sandbox init's /proc stat")
+            }
+        }
+    }
+
+    /// Kills the sandbox's processes (and waits for them), then removes its cgroups and
+    /// directories and frees its uid range, in that order: the range is only reused once
+    /// nothing can run with it. Idempotent: missing pieces are skipped.
+    fn teardown(&self, id: &str, pid1: Option<OwnedFd>) -> Result<(), RuntimeError> {
+        self.cgroups.kill(id)?;
+        if let Some(fd) = pid1 {
+            proc::kill(fd.as_fd());
+            if !proc::wait_exit(fd.as_fd(), Some(EXIT_TIMEOUT)).ctx(|| "wait for sandbox init")? {
+                return Err(RuntimeError::Timeout(format!(
+                    "waiting for sandbox {id} to exit"
+                )));
+            }
+            proc::reap(&fd);
+        }
+        self.cgroups.remove(id)?;
+        let dir = self.dir(id);
+        let range = fs::metadata(&dir).ok().map(|m| m.gid());
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(e).ctx(|| format!("remove {}", dir.display())),
+        }
+        if let Some(range) = range {
+            userns::release(range);
+        }
+        Ok(())
     }
 }

@@ -1,0 +1,98 @@
+//! Cold create / destroy cost of a sandbox, as latency percentiles.
+//!
+//! `cargo bench -p soulbox-runtime --bench create [-- N]` (root; N cycles, default 300).
+//! The rootfs is `SOULBOX_BENCH_ROOTFS` or `/tmp/rootfs-trial/root`; the agent is a shell
+//! script that sleeps, so `create` is measured up to the agent's exec, which is where
+//! `Runtime::create` returns. Also reports a burst: 50 sandboxes alive at once, then destroyed.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use soulbox_runtime::{Limits, Runtime, RuntimeConfig, SandboxSpec};
+
+fn percentiles(label: &str, mut v: Vec<Duration>) {
+    v.sort();
+    let at = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+    println!(
+        "{label:<28} n={:<4} p50 {:>8.3} ms  p90 {:>8.3} ms  p99 {:>8.3} ms  max {:>8.3} ms",
+        v.len(),
+        at(0.50).as_secs_f64() * 1e3,
+        at(0.90).as_secs_f64() * 1e3,
+        at(0.99).as_secs_f64() * 1e3,
+        at(1.0).as_secs_f64() * 1e3,
+    );
+}
+
+fn main() {
+    let n: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(300);
+    let rootfs = std::env::var_os("SOULBOX_BENCH_ROOTFS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp/rootfs-trial/root"));
+    let dir = tempfile::Builder::new()
+        .prefix("sbx-bench-")
+        .tempdir()
+        .expect("tempdir");
+    let agent = dir.path().join("agent");
+    std::fs::write(&agent, "#!/bin/sh\nexec sleep infinity\n").expect("agent");
+    std::fs::set_permissions(&agent, PermissionsExt::from_mode(0o755)).expect("chmod");
+    let cgroup_name = format!("soulbox-bench-{}", std::process::id());
+    let rt = Runtime::new(RuntimeConfig {
+        state_dir: dir.path().join("sandboxes"),
+        agent_binary: agent,
+        cgroup_name,
+    })
+    .expect("Runtime::new (needs root)");
+    let tokio = tokio::runtime::Runtime::new().expect("tokio");
+    let mut seq = 0u64;
+    let mut spec = || {
+        seq += 1;
+        SandboxSpec {
+            id: format!("bench{seq:015}"),
+            layers: vec![rootfs.clone()],
+            limits: Limits::default(),
+        }
+    };
+    tokio.block_on(async {
+        // Warm up page cache and dentries.
+        for _ in 0..10 {
+            let h = rt.create(&spec()).await.expect("create");
+            rt.destroy(&h).await.expect("destroy");
+        }
+        let (mut create, mut destroy) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for _ in 0..n {
+            let s = spec();
+            let t = Instant::now();
+            let h = rt.create(&s).await.expect("create");
+            create.push(t.elapsed());
+            let t = Instant::now();
+            rt.destroy(&h).await.expect("destroy");
+            destroy.push(t.elapsed());
+        }
+        percentiles("create (sequential)", create);
+        percentiles("destroy (sequential)", destroy);
+
+        let (mut create, mut destroy, mut live) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..50 {
+            let s = spec();
+            let t = Instant::now();
+            live.push(rt.create(&s).await.expect("create"));
+            create.push(t.elapsed());
+        }
+        for h in live {
+            let t = Instant::now();
+            rt.destroy(&h).await.expect("destroy");
+            destroy.push(t.elapsed());
+        }
+        percentiles("create (50 alive)", create);
+        percentiles("destroy (50 alive)", destroy);
+    });
+    for d in rt.cgroup_dirs("x") {
+        if let Some(parent) = d.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}

@@ -1,0 +1,351 @@
+//! Starting a sandbox's PID 1.
+//!
+//! The server is a multi-threaded tokio process, so the child is made the way `posix_spawn`
+//! makes one: `clone(CLONE_VM | CLONE_VFORK)` on a separate stack, with every signal blocked.
+//! The calling thread sleeps until the child has exec'd, no page tables are copied (a fork of a
+//! large server costs more than everything else here), and the child runs only raw system
+//! calls on data prepared beforehand: it never allocates, locks, or panics. Everything that
+//! needs ordinary code (the mount tree, the user namespace, the cgroups, the socket) is built by
+//! the parent before the clone; the child only does what must happen inside the new
+//! namespaces, in this order:
+//!
+//! 1. `setsid` — own session: nothing of the server's terminal or process group reaches it.
+//! 2. Reset every signal disposition to default (the server's handlers must not run here).
+//! 3. Move itself into its cgroups (writes `0` to each `cgroup.procs`), then unshare a cgroup
+//!    namespace rooted there: limits apply before it runs anything.
+//! 4. Hostname = sandbox id; bring `lo` up (one ioctl: no helper process, no netlink).
+//! 5. Make every inherited mount private, mount `/proc` (it must be mounted from inside the new
+//!    pid namespace), attach the detached root tree, `pivot_root` into it and detach the old
+//!    root: nothing of the host's filesystem stays reachable.
+//! 6. Join the sandbox user namespace and become its root (uid/gid 0, no supplementary groups).
+//!    The mount, uts, ipc and net namespaces were created by host root before this, so they
+//!    belong to the host user namespace and sandbox root has no capability over them.
+//! 7. stdin/stdout/stderr = `/dev/null` (the host's, opened beforehand), the agent's listening
+//!    socket = fd 3, every other descriptor close-on-exec; unblock signals; exec the agent.
+//!
+//! There is no `PR_SET_PDEATHSIG`: the sandbox outlives the server. It stays our child, so the
+//! runtime reaps it (see `proc::reap`); after a server restart, init does.
+
+use std::convert::Infallible;
+use std::ffi::{CStr, CString, c_char, c_int, c_void};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+
+use rustix::fs::Mode;
+use rustix::io::Errno;
+use rustix::mount::{
+    FsMountFlags, FsOpenFlags, MountAttrFlags, MountPropagationFlags, MoveMountFlags, UnmountFlags,
+    fsconfig_create, fsmount, fsopen, mount_change, move_mount, unmount,
+};
+use rustix::process::{chdir, pivot_root, setsid, umask};
+use rustix::thread::{
+    Gid, LinkNameSpaceType, Uid, UnshareFlags, move_into_link_name_space, set_thread_groups,
+    set_thread_res_gid, set_thread_res_uid, unshare_unsafe,
+};
+
+use crate::RuntimeError;
+use crate::rootfs::Tree;
+use crate::sys::{SignalsBlocked, Stack, clone_vm};
+
+/// Where the agent is inside every sandbox.
+pub(crate) const AGENT_PATH: &CStr = c"/.soulbox/bin/soulbox";
+/// The agent's listening socket arrives as this descriptor.
+pub(crate) const AGENT_FD: RawFd = 3;
+
+/// Everything PID 1 needs, prepared by the parent.
+pub(crate) struct Plan<'a> {
+    /// `cgroup.procs` of each of the sandbox's groups, open for writing.
+    pub(crate) cgroup_procs: Vec<OwnedFd>,
+    pub(crate) hostname: String,
+    pub(crate) tree: Tree,
+    /// An empty host directory to attach the root tree on before `pivot_root` (in the child's
+    /// private mount namespace only, so every sandbox can use the same one).
+    pub(crate) attach_point: CString,
+    pub(crate) userns: OwnedFd,
+    /// The agent's listening socket (≥ 4, so it survives setting up 0–3).
+    pub(crate) listener: OwnedFd,
+    /// The host's `/dev/null` (≥ 4).
+    pub(crate) devnull: BorrowedFd<'a>,
+    pub(crate) argv: Vec<CString>,
+    pub(crate) env: Vec<CString>,
+}
+
+/// What the child reads: raw descriptors and pointers only, shared with the parent (CLONE_VM).
+struct Shared<'a> {
+    procs: &'a [RawFd],
+    hostname: &'a [u8],
+    tree: RawFd,
+    proc_dir: RawFd,
+    attach_point: &'a CStr,
+    userns: RawFd,
+    listener: RawFd,
+    devnull: RawFd,
+    argv: &'a [*const c_char],
+    envp: &'a [*const c_char],
+    /// Set by the child when a step fails: the step's index + 1, and the errno.
+    failed_step: AtomicUsize,
+    errno: AtomicI32,
+}
+
+/// Names of the child's steps, for errors.
+const STEPS: [&str; 13] = [
+    "setsid",
+    "join cgroup",
+    "unshare cgroup namespace",
+    "set hostname",
+    "bring up loopback",
+    "make mounts private",
+    "mount /proc",
+    "attach root",
+    "pivot_root",
+    "join user namespace",
+    "become sandbox root",
+    "set up descriptors",
+    "exec agent",
+];
+
+/// Clones the sandbox's PID 1 into new pid, mount, uts, ipc and net namespaces and runs the
+/// steps above; returns its host pid once it has exec'd the agent.
+pub(crate) fn spawn(plan: &Plan<'_>) -> Result<i32, RuntimeError> {
+    let procs: Vec<RawFd> = plan.cgroup_procs.iter().map(|f| f.as_raw_fd()).collect();
+    let argv: Vec<*const c_char> = plan
+        .argv
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain([std::ptr::null()])
+        .collect();
+    let envp: Vec<*const c_char> = plan
+        .env
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain([std::ptr::null()])
+        .collect();
+    let shared = Shared {
+        procs: &procs,
+        hostname: plan.hostname.as_bytes(),
+        tree: plan.tree.root.as_raw_fd(),
+        proc_dir: plan.tree.proc_dir.as_raw_fd(),
+        attach_point: &plan.attach_point,
+        userns: plan.userns.as_raw_fd(),
+        listener: plan.listener.as_raw_fd(),
+        devnull: plan.devnull.as_raw_fd(),
+        argv: &argv,
+        envp: &envp,
+        failed_step: AtomicUsize::new(0),
+        errno: AtomicI32::new(0),
+    };
+    let stack = Stack::new(256 * 1024).map_err(|source| RuntimeError::Io {
+        context: "map child stack".into(),
+        source,
+    })?;
+    let flags = libc::CLONE_VM
+        | libc::CLONE_VFORK
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWNS
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWNET
+        | libc::SIGCHLD;
+    let pid = {
+        let _blocked = SignalsBlocked::new();
+        // SAFETY: `child` keeps to raw syscalls on `shared` (see its doc); with CLONE_VFORK this
+        // thread sleeps until the child has exec'd or exited, so `shared`, the vectors it points
+        // into and `stack` all outlive its use of them.
+        unsafe {
+            clone_vm(
+                child,
+                &stack,
+                flags,
+                &shared as *const Shared<'_> as *mut c_void,
+            )
+        }
+    }
+    .map_err(|source| RuntimeError::Io {
+        context: "clone sandbox init".into(),
+        source,
+    })?;
+    let step = shared.failed_step.load(Ordering::Acquire);
+    if step == 0 {
+        return Ok(pid);
+    }
+    // SAFETY: reaps the child that just exited (it failed before exec).
+    unsafe {
+        while libc::waitpid(pid, std::ptr::null_mut(), 0) < 0
+            && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
+        {}
+    }
+    Err(RuntimeError::Init {
+        step: STEPS.get(step - 1).copied().unwrap_or("?"),
+        source: io::Error::from_raw_os_error(shared.errno.load(Ordering::Acquire)),
+    })
+}
+
+/// Entry point of the cloned child. Only raw syscalls from here on.
+extern "C" fn child(arg: *mut c_void) -> c_int {
+    // SAFETY: `arg` is the `Shared` that `spawn` passed; the parent sleeps (CLONE_VFORK) and
+    // keeps it alive until this child has exec'd or exited.
+    let s = unsafe { &*(arg as *const Shared<'_>) };
+    let Err((step, errno)) = setup_and_exec(s);
+    s.errno.store(errno, Ordering::Release);
+    s.failed_step.store(step + 1, Ordering::Release);
+    1
+}
+
+/// A failed step of the child: its index in [`STEPS`] and the raw errno. (Raw, because
+/// rustix's `Errno::from_raw_os_error` asserts on odd values, and a panic here is fatal.)
+type Failed = (usize, i32);
+
+fn at(step: usize) -> impl Fn(Errno) -> Failed {
+    move |e| (step, e.raw_os_error())
+}
+
+/// Runs the steps; returns only on failure (a successful exec does not return).
+fn setup_and_exec(s: &Shared<'_>) -> Result<Infallible, Failed> {
+    let fd = |raw: RawFd| {
+        // SAFETY: these descriptors are owned by the parent's `Plan`, which outlives this child
+        // (CLONE_VFORK), and this child's copy of the descriptor table holds them too.
+        unsafe { BorrowedFd::borrow_raw(raw) }
+    };
+
+    setsid().map_err(at(0))?;
+    reset_signal_handlers();
+
+    for &procs in s.procs {
+        rustix::io::write(fd(procs), b"0").map_err(at(1))?;
+    }
+    // SAFETY: unsharing only the cgroup namespace touches no state our memory depends on.
+    unsafe { unshare_unsafe(UnshareFlags::NEWCGROUP) }.map_err(at(2))?;
+
+    rustix::system::sethostname(s.hostname).map_err(at(3))?;
+    loopback_up().map_err(|e| (4, e))?;
+
+    mount_change(
+        c"/",
+        MountPropagationFlags::REC | MountPropagationFlags::PRIVATE,
+    )
+    .map_err(at(5))?;
+    mount_proc(fd(s.proc_dir)).map_err(at(6))?;
+    move_mount(
+        fd(s.tree),
+        c"",
+        rustix::fs::CWD,
+        s.attach_point,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+    .map_err(at(7))?;
+    chdir(s.attach_point).map_err(at(8))?;
+    pivot_root(c".", c".").map_err(at(8))?;
+    unmount(c".", UnmountFlags::DETACH).map_err(at(8))?;
+    chdir(c"/").map_err(at(8))?;
+
+    move_into_link_name_space(fd(s.userns), Some(LinkNameSpaceType::User)).map_err(at(9))?;
+    set_thread_groups(&[]).map_err(at(10))?;
+    let (root_gid, root_uid) = (Gid::ROOT, Uid::ROOT);
+    set_thread_res_gid(root_gid, root_gid, root_gid).map_err(at(10))?;
+    set_thread_res_uid(root_uid, root_uid, root_uid).map_err(at(10))?;
+    umask(Mode::from_raw_mode(0o022));
+
+    for target in 0..3 {
+        dup2(s.devnull, target).map_err(|e| (11, e))?;
+    }
+    dup2(s.listener, AGENT_FD).map_err(|e| (11, e))?;
+    close_range_cloexec(AGENT_FD + 1).map_err(|e| (11, e))?;
+
+    unblock_signals();
+    // SAFETY: argv and envp are NULL-terminated arrays of C strings owned by the parent's plan.
+    unsafe {
+        libc::execve(AGENT_PATH.as_ptr(), s.argv.as_ptr(), s.envp.as_ptr());
+    }
+    Err((12, last_errno()))
+}
+
+fn last_errno() -> i32 {
+    // SAFETY: reads this thread's errno.
+    unsafe { *libc::__errno_location() }
+}
+
+fn reset_signal_handlers() {
+    for sig in 1..=libc::SIGRTMAX() {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            // SAFETY: sets a default disposition; failures (reserved signals) are harmless.
+            unsafe {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+    }
+}
+
+fn unblock_signals() {
+    // SAFETY: an empty sigset; sigprocmask on this (single-threaded) child.
+    unsafe {
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+    }
+}
+
+fn dup2(from: RawFd, to: RawFd) -> Result<(), i32> {
+    // SAFETY: plain dup2 on descriptors of this process; it clears close-on-exec on `to`.
+    if unsafe { libc::dup2(from, to) } < 0 {
+        Err(last_errno())
+    } else {
+        Ok(())
+    }
+}
+
+fn close_range_cloexec(first: RawFd) -> Result<(), i32> {
+    // SAFETY: marks descriptors close-on-exec; closes nothing now.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if rc < 0 { Err(last_errno()) } else { Ok(()) }
+}
+
+/// `ip link set lo up`, as one ioctl on a throwaway socket.
+fn loopback_up() -> Result<(), i32> {
+    // SAFETY: socket/ioctl/close on a descriptor we own; `ifr` is a zeroed, valid ifreq.
+    unsafe {
+        let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if sock < 0 {
+            return Err(last_errno());
+        }
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in ifr.ifr_name.iter_mut().zip(b"lo") {
+            *dst = *src as c_char;
+        }
+        ifr.ifr_ifru.ifru_flags = libc::IFF_UP as libc::c_short;
+        let rc = libc::ioctl(sock, libc::SIOCSIFFLAGS, &ifr);
+        let err = last_errno();
+        libc::close(sock);
+        if rc < 0 {
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
+/// A fresh proc instance for the new pid namespace, mounted on the tree's `/proc`.
+fn mount_proc(proc_dir: BorrowedFd<'_>) -> Result<(), Errno> {
+    let fs = fsopen(c"proc", FsOpenFlags::FSOPEN_CLOEXEC)?;
+    fsconfig_create(&fs)?;
+    let mnt = fsmount(
+        &fs,
+        FsMountFlags::FSMOUNT_CLOEXEC,
+        MountAttrFlags::MOUNT_ATTR_NOSUID
+            | MountAttrFlags::MOUNT_ATTR_NODEV
+            | MountAttrFlags::MOUNT_ATTR_NOEXEC,
+    )?;
+    move_mount(
+        mnt.as_fd(),
+        c"",
+        proc_dir,
+        c"",
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+    )
+}

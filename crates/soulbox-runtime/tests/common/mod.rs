@@ -1,0 +1,196 @@
+//! Shared fixtures: a runtime with its own state dir and cgroup parent, the test agent, and a
+//! client for it.
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use soulbox_runtime::{Limits, Runtime, RuntimeConfig, SandboxHandle, SandboxSpec};
+
+/// The Debian rootfs the tests use as the bottom layer (`SOULBOX_TEST_ROOTFS` overrides).
+pub fn rootfs() -> PathBuf {
+    std::env::var_os("SOULBOX_TEST_ROOTFS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp/rootfs-trial/root"))
+}
+
+/// The tests need root and a rootfs with python3; without them they say so and pass.
+pub fn can_run() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: runtime tests need root");
+        return false;
+    }
+    if !rootfs().join("usr/bin/python3").exists() {
+        eprintln!("SKIPPED: no rootfs with python3 at {}", rootfs().display());
+        return false;
+    }
+    true
+}
+
+pub fn agent_py() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/agent.py")
+}
+
+/// A runtime with a private state dir and cgroup parent, removed on drop.
+pub struct Env {
+    pub rt: Runtime,
+    pub cfg: RuntimeConfig,
+    _state: tempfile::TempDir,
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh 20-character id, unique within this test process and across processes.
+pub fn new_id() -> String {
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    format!("t{:09}x{:09}", std::process::id(), n)
+}
+
+impl Env {
+    pub fn new(tag: &str) -> Env {
+        Env::with_agent(tag, &agent_py())
+    }
+
+    pub fn with_agent(tag: &str, agent: &Path) -> Env {
+        let state = tempfile::Builder::new()
+            .prefix("sbx-")
+            .tempdir()
+            .expect("tempdir");
+        let cfg = RuntimeConfig {
+            state_dir: state.path().join("sandboxes"),
+            agent_binary: agent.to_path_buf(),
+            cgroup_name: format!("soulbox-test-{}-{tag}", std::process::id()),
+        };
+        let rt = Runtime::new(cfg.clone()).expect("Runtime::new");
+        Env {
+            rt,
+            cfg,
+            _state: state,
+        }
+    }
+
+    pub fn spec(&self, limits: Limits) -> SandboxSpec {
+        SandboxSpec {
+            id: new_id(),
+            layers: vec![rootfs()],
+            limits,
+        }
+    }
+
+    /// The parent cgroup directories of this runtime (one per hierarchy).
+    pub fn cgroup_parents(&self) -> Vec<PathBuf> {
+        self.rt
+            .cgroup_dirs("x")
+            .into_iter()
+            .filter_map(|d| d.parent().map(Path::to_path_buf))
+            .collect()
+    }
+
+    /// Names of sandbox cgroups left under this runtime's parents.
+    pub fn leftover_cgroups(&self) -> Vec<PathBuf> {
+        self.cgroup_parents()
+            .iter()
+            .filter_map(|p| std::fs::read_dir(p).ok())
+            .flatten()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.path())
+            .collect()
+    }
+
+    /// Sandbox directories left in the state dir.
+    pub fn leftover_dirs(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(&self.cfg.state_dir)
+            .expect("state dir")
+            .filter_map(|e| e.ok())
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .map(|e| e.path())
+            .collect()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for p in self.cgroup_parents() {
+            let _ = std::fs::remove_dir(&p);
+        }
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub struct Out {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `cmd` with /bin/sh in the sandbox through the test agent, as sandbox root, or as
+/// `uid` (with the same gid).
+pub fn exec_as(h: &SandboxHandle, cmd: &str, uid: Option<u32>) -> Out {
+    let mut s = UnixStream::connect(&h.socket_path).expect("connect agent socket");
+    s.set_read_timeout(Some(Duration::from_secs(90)))
+        .expect("timeout");
+    let req = serde_json::json!({ "cmd": cmd, "uid": uid });
+    s.write_all(format!("{req}\n").as_bytes()).expect("send");
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).expect("agent reply");
+    serde_json::from_str(&buf).unwrap_or_else(|e| panic!("bad reply {buf:?}: {e}"))
+}
+
+pub fn exec(h: &SandboxHandle, cmd: &str) -> Out {
+    exec_as(h, cmd, None)
+}
+
+/// `exec`, asserting success; returns trimmed stdout.
+pub fn sh(h: &SandboxHandle, cmd: &str) -> String {
+    let out = exec(h, cmd);
+    assert_eq!(out.code, 0, "{cmd:?} failed: {out:?}");
+    out.stdout.trim().to_owned()
+}
+
+/// Every mount anywhere on the host whose options mention `needle` (e.g. an upper dir).
+pub fn mounts_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        if let Ok(text) = std::fs::read_to_string(entry.path().join("mountinfo")) {
+            found.extend(
+                text.lines()
+                    .filter(|l| l.contains(needle))
+                    .map(|l| format!("{}: {l}", name.to_string_lossy())),
+            );
+        }
+    }
+    found
+}
+
+/// Whether host process `pid` still exists (zombies included).
+pub fn pid_exists(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Mount namespace of a process, to check later that nothing still lives in it.
+pub fn mnt_ns(pid: i32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/mnt"))
+        .expect("ns link")
+        .display()
+        .to_string()
+}
+
+/// Whether any process on the host is in mount namespace `ns` (its mounts are alive).
+pub fn mnt_ns_in_use(ns: &str) -> bool {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .any(|e| {
+            std::fs::read_link(e.path().join("ns/mnt")).is_ok_and(|l| l.display().to_string() == ns)
+        })
+}
