@@ -19,9 +19,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
-use http_body_util::{Either, Full};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, BodyStream, Either, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -208,6 +210,8 @@ async fn forward(manager: &Manager, route: &Route, req: Request<Incoming>) -> Re
     if let Some(pq) = parts.uri.path_and_query().cloned() {
         parts.uri = pq.into();
     }
+    // A buffered body has an exact size, so hyper sends it with a Content-Length.
+    let body = prebuffer(body).await.into_http_body();
     let req = Request::from_parts(parts, body);
 
     let stream = match UnixStream::connect(&route.socket_path).await {
@@ -234,6 +238,74 @@ async fn forward(manager: &Manager, route: &Route, req: Request<Incoming>) -> Re
             Response::from_parts(parts, Either::Left(body))
         }
         Err(e) => agent_unreachable(manager, route, &e),
+    }
+}
+
+/// Largest request body sent to the agent in one piece.
+const MAX_BUFFERED_BODY: usize = 64 * 1024;
+
+/// A request body as forwarded to the agent.
+enum RequestBody {
+    /// The whole body, which had fully arrived: sent with a `Content-Length`.
+    Buffered(Bytes),
+    /// What has arrived so far, then the rest as it comes.
+    Streaming(Bytes, Incoming),
+}
+
+/// Collects the body while it is already there: small requests (every RPC, most uploads) are
+/// forwarded whole, in one write, with a length. A server that answers a request after reading
+/// its one message then closes the connection; if the end of a chunked body were still on its
+/// way, the close would reset the connection under the answer. Bodies that are large or still
+/// being sent (client streams, big uploads) are streamed after what arrived.
+async fn prebuffer(mut body: Incoming) -> RequestBody {
+    use http_body::Body as _;
+    let mut buf = bytes::BytesMut::new();
+    let mut waited = false;
+    loop {
+        if body.is_end_stream() {
+            return RequestBody::Buffered(buf.freeze());
+        }
+        // Wait for the first frame (it is usually in flight with the head), then only take
+        // frames that are ready.
+        let next = if waited {
+            match futures::FutureExt::now_or_never(body.frame()) {
+                Some(next) => next,
+                None => return RequestBody::Streaming(buf.freeze(), body),
+            }
+        } else {
+            waited = true;
+            body.frame().await
+        };
+        match next {
+            None => return RequestBody::Buffered(buf.freeze()),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    buf.extend_from_slice(&data);
+                }
+                if buf.len() > MAX_BUFFERED_BODY {
+                    return RequestBody::Streaming(buf.freeze(), body);
+                }
+            }
+            // The client went away mid-body: forward what came; the agent sees it cut short.
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "reading the request body");
+                return RequestBody::Streaming(buf.freeze(), body);
+            }
+        }
+    }
+}
+
+impl RequestBody {
+    fn into_http_body(self) -> BoxBody<Bytes, hyper::Error> {
+        match self {
+            RequestBody::Buffered(b) => Full::new(b).map_err(|never| match never {}).boxed(),
+            RequestBody::Streaming(prefix, rest) => {
+                let prefix = futures::stream::iter(
+                    (!prefix.is_empty()).then(|| Ok(http_body::Frame::data(prefix))),
+                );
+                BodyExt::boxed(StreamBody::new(prefix.chain(BodyStream::new(rest))))
+            }
+        }
     }
 }
 
