@@ -157,6 +157,20 @@ impl Call {
                 if env.is_end_stream() {
                     break;
                 }
+                // Read the body to its end (the chunked terminator usually follows the
+                // envelope): hyper cannot reuse a connection whose request body was left
+                // unread, and clients that pool connections would then fail their next call.
+                let rest = &mut self.body;
+                let _ = tokio::time::timeout(Duration::from_secs(10), async {
+                    let mut seen = 0usize;
+                    while let Some(Ok(frame)) = rest.frame().await {
+                        seen += frame.data_ref().map_or(0, |d| d.len());
+                        if seen > MAX_MESSAGE_BYTES {
+                            break;
+                        }
+                    }
+                })
+                .await;
                 return self.codec.decode(&env.payload);
             }
             match self.body.frame().await {

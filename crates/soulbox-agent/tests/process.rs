@@ -468,3 +468,44 @@ async fn health_envs_and_init() {
     let (status, _, _) = raw("POST", "/_soulbox/init", &[], "not json").await;
     assert_eq!(status, 400);
 }
+
+#[tokio::test]
+async fn connection_is_reusable_after_a_chunked_stream_request() {
+    // Python's SDK sends stream requests chunked; the body's terminator arrives after the
+    // envelope. A server that stops reading at the envelope cannot reuse the connection.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(common::addr())
+        .await
+        .unwrap();
+    let env = soulbox_wire::connect::encode_envelope(0, br#"{"process":{"cmd":"/bin/true"}}"#);
+    let mut req = format!(
+        "POST /process.Process/Start HTTP/1.1\r\nhost: x\r\ncontent-type: application/connect+json\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n",
+        env.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(&env);
+    req.extend_from_slice(b"\r\n");
+    conn.write_all(&req).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    conn.write_all(b"0\r\n\r\n").await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !seen.ends_with(b"\r\n0\r\n\r\n") {
+        let n = conn.read(&mut buf).await.unwrap();
+        assert!(
+            n > 0,
+            "connection closed: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    conn.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let n = conn.read(&mut buf).await.unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 204"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+}
