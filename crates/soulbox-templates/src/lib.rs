@@ -208,7 +208,10 @@ async fn run_mmdebstrap(
                 if update.message != last_message {
                     last_message = update.message;
                     bar.set_message(update.message);
-                    tracing::debug!(step = update.message, "base template build");
+                    // Logs show the steps where no terminal shows the bar.
+                    if bar.is_hidden() {
+                        tracing::info!(step = update.message, "base template build");
+                    }
                 }
             }
             if tail.len() == ERROR_TAIL_LINES {
