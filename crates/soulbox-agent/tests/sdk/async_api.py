@@ -6,10 +6,15 @@ Run: target/debug/soulbox agent --listen 127.0.0.1:49983 &
 
 import asyncio
 import hashlib
+import inspect
 import os
 import uuid
 
-from e2b import AsyncSandbox, CommandExitException, FileNotFoundException, NotFoundException
+import e2b
+from e2b import AsyncSandbox, CommandExitException, NotFoundException
+
+# e2b 1.x raises NotFoundException where 2.x raises its subclass FileNotFoundException.
+FileNotFoundException = getattr(e2b, "FileNotFoundException", NotFoundException)
 from e2b.sandbox.commands.command_handle import PtySize
 
 checks = 0
@@ -24,7 +29,7 @@ def check(cond, what):
 
 async def main():
     global checks
-    sbx = await AsyncSandbox.create()
+    sbx = await AsyncSandbox.create(debug=True)
     base = f"/tmp/soulbox-sdk-async-{uuid.uuid4().hex[:8]}"
 
     r = await sbx.commands.run("echo hi; echo err >&2", envs={"A": "1"})
@@ -44,15 +49,23 @@ async def main():
     h2 = await sbx.commands.connect(h.pid)
     check((await h2.wait()).stdout == "done\n", "async connect")
 
-    h = await sbx.commands.run("cat", background=True, stdin=True)
-    await sbx.commands.send_stdin(h.pid, "abc")
-    await sbx.commands.close_stdin(h.pid)
+    if hasattr(sbx.commands, "close_stdin"):  # e2b >= 2
+        h = await sbx.commands.run("cat", background=True, stdin=True)
+        await sbx.commands.send_stdin(h.pid, "abc")
+        await sbx.commands.close_stdin(h.pid)
+    else:  # e2b 1.x: stdin is always open and cannot be closed
+        h = await sbx.commands.run("head -c 3", background=True)
+        await sbx.commands.send_stdin(h.pid, "abc")
     check((await h.wait()).stdout == "abc", "async stdin")
 
     out = []
     term = await sbx.pty.create(PtySize(rows=10, cols=50), on_data=lambda d: out.append(bytes(d)))
     await sbx.pty.send_stdin(term.pid, b"stty size\n")
-    await asyncio.sleep(0.4)
+    # Resize only after the first answer (a slow login profile may delay the shell).
+    for _ in range(100):
+        if b"10 50" in b"".join(out):
+            break
+        await asyncio.sleep(0.05)
     await sbx.pty.resize(term.pid, PtySize(rows=33, cols=77))
     await sbx.pty.send_stdin(term.pid, b"stty size; exit\n")
     await term.wait()
@@ -72,7 +85,9 @@ async def main():
 
     await sbx.files.make_dir(f"{base}/w")
     events = []
-    wh = await sbx.files.watch_dir(f"{base}/w", lambda e: events.append(e), recursive=True, include_entry=True)
+    entries = "include_entry" in inspect.signature(sbx.files.watch_dir).parameters  # e2b >= 2
+    extra = {"include_entry": True} if entries else {}
+    wh = await sbx.files.watch_dir(f"{base}/w", lambda e: events.append(e), recursive=True, **extra)
     await sbx.files.write(f"{base}/w/x.txt", "1")
     await sbx.files.make_dir(f"{base}/w/d")
     await asyncio.sleep(0.2)
@@ -84,8 +99,9 @@ async def main():
     kinds = {(e.name, e.type.value) for e in events}
     for want in [("x.txt", "create"), ("x.txt", "write"), ("d", "create"), ("d/y.txt", "create"), ("x.txt", "rename"), ("z.txt", "create"), ("z.txt", "remove")]:
         check(want in kinds, f"watch {want} missing in {kinds}")
-    created = [e for e in events if e.name == "x.txt" and e.type.value == "create"]
-    check(created and created[0].entry is not None and created[0].entry.path == f"{base}/w/x.txt", f"include_entry: {created}")
+    if entries:
+        created = [e for e in events if e.name == "x.txt" and e.type.value == "create"]
+        check(created and created[0].entry is not None and created[0].entry.path == f"{base}/w/x.txt", f"include_entry: {created}")
 
     blob = os.urandom(1 << 20) * 20
     await sbx.files.write(f"{base}/big", blob)

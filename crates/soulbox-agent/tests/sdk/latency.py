@@ -13,7 +13,7 @@ from e2b import Sandbox
 
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 200
 user = sys.argv[2] if len(sys.argv) > 2 else None
-sbx = Sandbox.create()
+sbx = Sandbox.create(debug=True) if hasattr(Sandbox, "create") else Sandbox(debug=True)
 for _ in range(10):
     sbx.commands.run("true", user=user)
 samples = []
