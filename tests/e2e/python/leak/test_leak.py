@@ -82,7 +82,29 @@ def db_rows_mentioning(db: Path, ids: set[str]) -> list[str]:
     return hits
 
 
-def find_leaks(data: Path, churned: set[str]) -> dict[str, list[str]]:
+def state_entries(sandboxes_dir: Path, live: set[str]) -> set[str]:
+    """Paths under the per-sandbox state dir, two levels deep, outside live sandboxes' own dirs."""
+    entries: set[str] = set()
+    if not sandboxes_dir.is_dir():
+        return entries
+    for top in os.listdir(sandboxes_dir):
+        if top in live:
+            continue
+        entries.add(top)
+        sub = sandboxes_dir / top
+        if sub.is_dir() and not sub.is_symlink():
+            entries.update(f"{top}/{child}" for child in os.listdir(sub))
+    return entries
+
+
+def host_mounts_under(sandboxes_dir: Path) -> set[str]:
+    prefix = f"{sandboxes_dir}/"
+    lines = (read_text(Path("/proc/self/mountinfo")) or "").splitlines()
+    # Without the mount and parent IDs, which change when the same thing is mounted again.
+    return {line.split(" ", 3)[-1] for line in lines if prefix in line}
+
+
+def find_leaks(data: Path, churned: set[str], baseline: dict[str, set[str]]) -> dict[str, list[str]]:
     leaks: dict[str, list[str]] = {}
     live = listed_ids()
 
@@ -93,17 +115,15 @@ def find_leaks(data: Path, churned: set[str]) -> dict[str, list[str]]:
         add("listed by the API", sid)
 
     sandboxes_dir = data / "sandboxes"
-    if sandboxes_dir.is_dir():
-        for name in sorted(set(os.listdir(sandboxes_dir)) - live):
-            add(f"dirs under {sandboxes_dir}", name)
+    for entry in sorted(state_entries(sandboxes_dir, live) - baseline["state"]):
+        add(f"entries under {sandboxes_dir}", entry)
 
-    prefix = f"{sandboxes_dir}/"
+    for mount in sorted(host_mounts_under(sandboxes_dir) - baseline["mounts"]):
+        sid = mount.split(f"{sandboxes_dir}/", 1)[-1].split("/", 1)[0]
+        if sid not in live:
+            add("host mounts", mount)
     for line in (read_text(Path("/proc/self/mountinfo")) or "").splitlines():
-        if prefix in line:
-            sid = line.split(prefix, 1)[1].split("/", 1)[0].split(" ", 1)[0]
-            if sid not in live:
-                add("host mounts", line)
-        elif _mentions(line, churned):
+        if _mentions(line, churned):
             add("host mounts", line)
 
     for pid in host_pids():
@@ -132,6 +152,12 @@ def test_no_leaks_after_create_kill_churn(e2e):
     require(e2e, "SOULBOX_DATA_DIR", e2e.data_dir is not None)
     require(e2e, "root (to read every process's /proc entries)", os.geteuid() == 0)
     data = e2e.data_dir.resolve()
+    # Shared infrastructure the server keeps (e.g. the runtime's attach point) is not a leak.
+    live_before = listed_ids()
+    baseline = {
+        "state": state_entries(data / "sandboxes", live_before),
+        "mounts": host_mounts_under(data / "sandboxes"),
+    }
 
     started = time.monotonic()
     errors: list[str] = []
@@ -154,8 +180,8 @@ def test_no_leaks_after_create_kill_churn(e2e):
     assert len(churned) == CYCLES
 
     # Kill is allowed to finish reclaiming shortly after it answers.
-    wait_until(lambda: not find_leaks(data, churned), timeout=30, interval=1)
-    leaks = find_leaks(data, churned)
+    wait_until(lambda: not find_leaks(data, churned, baseline), timeout=30, interval=1)
+    leaks = find_leaks(data, churned, baseline)
     assert not leaks, "leftovers after churn:\n" + json.dumps(
         {k: v[:20] + ([f"... {len(v) - 20} more"] if len(v) > 20 else []) for k, v in leaks.items()}, indent=2
     )
