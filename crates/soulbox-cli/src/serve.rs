@@ -2,7 +2,7 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -107,7 +107,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let runtime = Runtime::new(RuntimeConfig {
         state_dir: data.join("sandboxes"),
-        agent_binary: std::env::current_exe().context("locating the soulbox binary")?,
+        agent_binary: install_agent_binary(data)?,
         cgroup_name: match &args.cgroup_name {
             Some(name) => name.clone(),
             None => cgroup_name(data)?,
@@ -197,6 +197,30 @@ fn admin_key(data: &Path) -> anyhow::Result<String> {
     file.sync_all()?;
     tracing::info!(path = %path.display(), "generated the admin API key");
     Ok(key)
+}
+
+/// Copies the running binary to `$DATA/bin/soulbox`, the agent every new sandbox runs.
+///
+/// A copy, not the build's own path: rebuilding or upgrading the binary on disk then never
+/// breaks the server that is running (the old file may be gone) and new sandboxes run the
+/// agent of the server that made them. Running sandboxes keep the file they had (it is
+/// replaced by rename).
+fn install_agent_binary(data: &Path) -> anyhow::Result<PathBuf> {
+    let dir = data.join("bin");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let target = dir.join("soulbox");
+    let partial = dir.join(format!(".soulbox.{}", std::process::id()));
+    // /proc/self/exe opens the running binary even if its path was replaced since.
+    std::fs::copy("/proc/self/exe", &partial)
+        .with_context(|| format!("copying the soulbox binary to {}", partial.display()))?;
+    std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::rename(&partial, &target)
+        .with_context(|| format!("installing {}", target.display()))?;
+    Ok(target)
 }
 
 async fn ensure_base_template(templates: &Templates) -> anyhow::Result<PathBuf> {

@@ -1,8 +1,9 @@
 //! Turns mmdebstrap's `--verbose` stderr into a position on a progress bar.
 //!
 //! mmdebstrap announces its phases with `I: ` lines; inside the phases apt prints one `Get:` line
-//! per downloaded package and dpkg one `Setting up` line per configured package, and apt states
-//! the count up front (`N newly installed`). Each phase owns a slice of [`TOTAL`].
+//! per downloaded package and dpkg one `Unpacking` and one `Setting up` line per installed
+//! package, and apt states the count up front (`N newly installed`). Each phase owns a slice of
+//! [`TOTAL`].
 
 /// Length of the progress bar.
 pub const TOTAL: u64 = 1000;
@@ -115,10 +116,11 @@ impl Tracker {
             self.expected = n;
             return None;
         }
+        let installs = line.starts_with("Unpacking ") || line.starts_with("Setting up ");
         let counts = match self.phase {
             Phase::Download => line.starts_with("Get:"),
-            Phase::Essential => line.starts_with("Setting up "),
-            Phase::Remaining => line.starts_with("Get:") || line.starts_with("Setting up "),
+            Phase::Essential => installs,
+            Phase::Remaining => installs || line.starts_with("Get:"),
             _ => false,
         };
         if counts {
@@ -130,12 +132,13 @@ impl Tracker {
 
     fn update(&self) -> Update {
         let (lo, hi) = self.phase.range();
-        // The remaining phase downloads and then configures each package: two units apiece.
-        let units = if self.phase == Phase::Remaining {
-            self.expected * 2
-        } else {
-            self.expected
-        };
+        // Units per package: downloaded; unpacked and set up; or all three.
+        let units = self.expected
+            * match self.phase {
+                Phase::Essential => 2,
+                Phase::Remaining => 3,
+                _ => 1,
+            };
         let position = ((hi - lo) * self.seen.min(units))
             .checked_div(units)
             .map_or(lo, |done| lo + done);
@@ -177,11 +180,14 @@ mod tests {
             Get:2 http://deb.debian.org/debian bookworm/main amd64 dash\n\
             I: extracting archives...\n\
             I: installing essential packages...\n\
+            Unpacking bash (5.2.15-2+b13) ...\n\
+            Unpacking dash (0.5.12-2) ...\n\
             Setting up bash (5.2.15-2+b13) ...\n\
             Setting up dash (0.5.12-2) ...\n\
             I: installing remaining packages inside the chroot...\n\
             0 upgraded, 1 newly installed, 0 to remove and 0 not upgraded.\n\
             Get:1 http://deb.debian.org/debian bookworm/main amd64 git\n\
+            Unpacking git (1:2.39.5-0+deb12u2) ...\n\
             Setting up git (1:2.39.5-0+deb12u2) ...\n\
             I: running --customize-hook in shell: sh -c 'useradd'\n\
             I: cleaning package lists and apt cache...\n\
@@ -195,7 +201,8 @@ mod tests {
         assert!(positions.windows(2).all(|w| w[0] <= w[1]), "{positions:?}");
         // Halfway through the download phase after the first of two packages.
         assert!(positions.contains(&120), "{positions:?}");
-        // The essential phase completes on the second `Setting up`.
+        // Half of the essential phase after both packages are unpacked; done when set up.
+        assert!(positions.contains(&410), "{positions:?}");
         assert!(positions.contains(&560), "{positions:?}");
         assert_eq!(positions.last(), Some(&TOTAL));
     }
