@@ -214,6 +214,8 @@ async fn malformed_bodies_are_400() {
             br#"{"timeout": 5}"#,
             br#"{"templateID": "base", "metadata": {"k": 1}}"#,
             br#"{"templateID": "base", "envVars": ["A=1"]}"#,
+            br#"{"templateID": "base", "envVars": {"A=B": "x"}}"#,
+            br#"{"templateID": "base", "envVars": {"": "x"}}"#,
             b"[]",
             b"",
             b"\xff\xfe",

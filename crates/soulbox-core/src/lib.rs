@@ -224,6 +224,7 @@ impl Manager {
     async fn create_inner(&self, req: CreateRequest) -> Result<SandboxInfo, CoreError> {
         let inner = &self.inner;
         validate_timeout_duration(req.timeout)?;
+        validate_env_vars(&req.env_vars)?;
         let template = inner
             .store
             .get_template(&req.template)
@@ -509,6 +510,24 @@ pub fn validate_timeout(seconds: i64) -> Result<Duration, CoreError> {
     Ok(d)
 }
 
+/// Environment variable names must be non-empty without `=` or NUL, values without NUL:
+/// anything else cannot be passed to a process.
+fn validate_env_vars(env: &BTreeMap<String, String>) -> Result<(), CoreError> {
+    for (k, v) in env {
+        if k.is_empty() || k.contains(['=', '\0']) {
+            return Err(CoreError::InvalidArgument(format!(
+                "invalid environment variable name {k:?}"
+            )));
+        }
+        if v.contains('\0') {
+            return Err(CoreError::InvalidArgument(format!(
+                "environment variable {k} contains a NUL byte"
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn validate_timeout_duration(d: Duration) -> Result<(), CoreError> {
     if d.is_zero() {
         return Err(CoreError::InvalidArgument(
@@ -577,6 +596,16 @@ mod tests {
         assert!(validate_timeout(-5).is_err());
         assert!(validate_timeout(24 * 3600 + 1).is_err());
         assert_eq!(validate_timeout(300).ok(), Some(Duration::from_secs(300)));
+    }
+
+    #[test]
+    fn env_vars_are_validated() {
+        let ok = BTreeMap::from([("PATH_X".to_owned(), "a=b c".to_owned())]);
+        assert!(validate_env_vars(&ok).is_ok());
+        for (k, v) in [("", "x"), ("A=B", "x"), ("A\0", "x"), ("A", "x\0y")] {
+            let bad = BTreeMap::from([(k.to_owned(), v.to_owned())]);
+            assert!(validate_env_vars(&bad).is_err(), "{k:?}={v:?}");
+        }
     }
 
     #[test]
