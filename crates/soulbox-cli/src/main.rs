@@ -1,6 +1,7 @@
 //! The `soulbox` binary: `serve`, the CLI, and `agent` (PID 1 inside every sandbox).
 
 mod agent;
+mod interpreter;
 mod sandbox;
 mod sandbox_exec;
 mod serve;
@@ -22,6 +23,8 @@ enum Command {
     Agent(agent::AgentArgs),
     /// Manage sandboxes on a running server.
     Sandbox(sandbox::SandboxArgs),
+    /// Run the code interpreter service (inside a code-interpreter sandbox).
+    Interpreter(interpreter::InterpreterArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -30,5 +33,6 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve::run(args),
         Command::Agent(args) => agent::run(args),
         Command::Sandbox(args) => sandbox::run(args),
+        Command::Interpreter(args) => interpreter::run(args),
     }
 }
