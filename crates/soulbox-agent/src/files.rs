@@ -16,7 +16,6 @@ use futures::{Stream, StreamExt, TryStreamExt};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufReader};
 use tokio_util::io::{ReaderStream, StreamReader};
 
 use crate::Agent;
@@ -310,25 +309,63 @@ async fn download_inner(agent: &Agent, req: &Request<Incoming>) -> Result<Respon
     if req.method() == Method::HEAD {
         return Ok(resp);
     }
-    let mut file = tokio::fs::File::from_std(file);
-    if start > 0 {
-        file.seek(std::io::SeekFrom::Start(start))
-            .await
-            .map_err(|e| Failure::io(&path, &e))?;
-    }
-    let reader = file.take(len);
+    let chunks = file_chunks(file, start, len);
     *resp.body_mut() = if gzip {
         resp.headers_mut()
             .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
         let enc = async_compression::tokio::bufread::GzipEncoder::with_quality(
-            BufReader::with_capacity(CHUNK, reader),
+            StreamReader::new(chunks),
             async_compression::Level::Fastest,
         );
         streaming(ReaderStream::with_capacity(enc, CHUNK))
     } else {
-        streaming(ReaderStream::with_capacity(reader, CHUNK))
+        streaming(chunks)
     };
     Ok(resp)
+}
+
+/// Reads `len` bytes of `file` from `start` on one blocking thread and hands them over in
+/// chunks through a small bounded channel: one thread hop per transfer rather than per chunk,
+/// and at most a few chunks in memory however large the file.
+fn file_chunks(
+    mut file: std::fs::File,
+    start: u64,
+    len: u64,
+) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Seek};
+        if start > 0
+            && let Err(e) = file.seek(std::io::SeekFrom::Start(start))
+        {
+            let _ = tx.blocking_send(Err(e));
+            return;
+        }
+        let mut left = len;
+        while left > 0 {
+            let want = usize::try_from(left).unwrap_or(CHUNK).min(CHUNK);
+            let mut buf = bytes::BytesMut::zeroed(want);
+            match file.read(&mut buf) {
+                // Truncated meanwhile: the body ends short and the client sees it.
+                Ok(0) => return,
+                Ok(n) => {
+                    buf.truncate(n);
+                    left -= n as u64;
+                    if tx.blocking_send(Ok(buf.freeze())).is_err() {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            }
+        }
+    });
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
 }
 
 /// `X-Metadata-<key>` headers as `user.e2b.<key>` xattr values, validated.
@@ -434,21 +471,48 @@ where
         Ok(file)
     })
     .await?;
-    let mut file = tokio::fs::File::from_std(file);
+    // One blocking thread writes the whole upload; chunks reach it through a bounded channel.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut file = file;
+        while let Some(chunk) = rx.blocking_recv() {
+            file.write_all(&chunk)?;
+        }
+        file.flush()
+    });
     let mut data = std::pin::pin!(data);
+    let mut read_error = None;
     while let Some(chunk) = data.next().await {
-        let chunk = chunk.map_err(|e| {
-            Failure(
-                StatusCode::BAD_REQUEST,
-                format!("reading the upload failed: {e}"),
-            )
-        })?;
-        file.write_all(&chunk)
-            .await
-            .map_err(|e| Failure::io(&path, &e))?;
+        match chunk {
+            Ok(chunk) => {
+                if tx.send(chunk).await.is_err() {
+                    // The writer failed (disk full, say): let the client finish sending so
+                    // it reads our answer rather than a reset connection.
+                    let _ = tokio::time::timeout(Duration::from_secs(30), async {
+                        while data.next().await.is_some() {}
+                    })
+                    .await;
+                    break;
+                }
+            }
+            Err(e) => {
+                read_error = Some(e);
+                break;
+            }
+        }
     }
-    file.flush().await.map_err(|e| Failure::io(&path, &e))?;
-    drop(file);
+    drop(tx);
+    let written = writer
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+    written.map_err(|e| Failure::io(&path, &e))?;
+    if let Some(e) = read_error {
+        return Err(Failure(
+            StatusCode::BAD_REQUEST,
+            format!("reading the upload failed: {e}"),
+        ));
+    }
     let (p, m) = (path.clone(), metadata.cloned());
     blocking(move || match &m {
         Some(m) => write_metadata(&p, m).map_err(|e| Failure::io(&p, &e)),

@@ -60,8 +60,8 @@ pub fn run(listener: Listener, mode: Mode) -> Result<(), AgentError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()
-        // File I/O runs on blocking threads; a few suffice and idle ones exit.
-        .max_blocking_threads(16)
+        // File I/O runs on blocking threads (one per transfer in flight); idle ones exit.
+        .max_blocking_threads(128)
         .thread_stack_size(256 * 1024)
         .build()?;
     rt.block_on(server::serve(listener, Arc::new(Agent::new(mode))))?;

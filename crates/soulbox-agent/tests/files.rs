@@ -255,3 +255,32 @@ async fn relative_paths_resolve_against_home() {
     assert_eq!((status.as_u16(), body.as_ref()), (200, b"home".as_slice()));
     std::fs::remove_file(format!("/root/{name}")).unwrap();
 }
+
+#[tokio::test]
+async fn full_disk_is_507() {
+    // A 256 KiB tmpfs stands in for a sandbox whose disk quota is used up (needs root).
+    let d = scratch();
+    let mounted = nix::mount::mount(
+        Some("tmpfs"),
+        &d,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=256k"),
+    );
+    if mounted.is_err() {
+        eprintln!("skipping: cannot mount a tmpfs here ({mounted:?})");
+        return;
+    }
+    let p = format!("{}/big", d.display());
+    let (status, _, body) = raw(
+        "POST",
+        &format!("/files?path={}", enc(&p)),
+        &[("content-type", "application/octet-stream")],
+        vec![7u8; 4 << 20],
+    )
+    .await;
+    let _ = nix::mount::umount2(&d, nix::mount::MntFlags::MNT_DETACH);
+    assert_eq!(status, 507, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(json(&body)["code"], 507);
+    std::fs::remove_dir_all(d).unwrap();
+}
