@@ -84,7 +84,7 @@ pub fn run(args: SandboxArgs) -> anyhow::Result<()> {
         SandboxCommand::List(a) => rest(api, |c| async move { list(&c, a).await }),
         SandboxCommand::Info { id } => rest(api, |c| async move { info(&c, &id).await }),
         SandboxCommand::Kill { id } => rest(api, |c| async move { kill(&c, &id).await }),
-        SandboxCommand::Exec(a) => crate::sandbox_exec::exec(a),
+        SandboxCommand::Exec(a) => crate::sandbox_exec::exec(a, api),
         SandboxCommand::Shell(a) => crate::sandbox_exec::shell(a, api),
     }
 }
