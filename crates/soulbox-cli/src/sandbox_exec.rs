@@ -219,7 +219,7 @@ impl RawMode {
 impl Drop for RawMode {
     fn drop(&mut self) {
         let _ = nix::sys::termios::tcsetattr(
-            &std::io::stdin(),
+            std::io::stdin(),
             nix::sys::termios::SetArg::TCSANOW,
             &self.0,
         );
