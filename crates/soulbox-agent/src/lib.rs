@@ -56,6 +56,7 @@ pub fn run(listener: Listener, mode: Mode) -> Result<(), AgentError> {
         // orphans are reaped here, exactly as they would be inside a sandbox.
         nix::sys::prctl::set_child_subreaper(true).map_err(std::io::Error::from)?;
     }
+    cloexec_inherited_fds();
     reaper::start();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
@@ -66,6 +67,37 @@ pub fn run(listener: Listener, mode: Mode) -> Result<(), AgentError> {
         .build()?;
     rt.block_on(server::serve(listener, Arc::new(Agent::new(mode))))?;
     Ok(())
+}
+
+/// Marks every descriptor above stderr close-on-exec, so nothing the agent inherited (the
+/// listening socket, anything the runtime or a parent left open) reaches sandbox processes.
+fn cloexec_inherited_fds() {
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets a flag on descriptors; it closes
+    // nothing and touches no memory.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if rc == 0 {
+        return;
+    }
+    // Kernels before 5.11: walk /proc/self/fd.
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    for fd in dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+    {
+        if fd > 2 {
+            // SAFETY: F_SETFD only changes the descriptor's flags; a stale number fails harmlessly.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
+    }
 }
 
 /// Shared state of one agent.

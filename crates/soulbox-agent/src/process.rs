@@ -42,6 +42,8 @@ const RETENTION: Duration = Duration::from_secs(30);
 const SUBSCRIBER_QUEUE: usize = 64;
 /// Largest output chunk read at once.
 const READ_CHUNK: usize = 32 * 1024;
+/// `oom_score_adj` of user processes (upstream envd uses the same value).
+const OOM_SCORE_ADJ: &[u8] = b"100";
 
 type Output = process_event::data_event::Output;
 
@@ -624,12 +626,22 @@ fn spawn(
         .then(|| (user.uid, user.gid, user.groups.clone()));
     let is_pty = master.is_some();
     // SAFETY: the closure runs in the forked child before exec and only makes raw syscalls
-    // (setsid, ioctl, setgroups, setgid, setuid, chdir) on data prepared before the fork;
-    // it allocates nothing and takes no locks.
+    // (setsid, ioctl, open, write, close, setgroups, setgid, setuid, chdir) on data prepared
+    // before the fork; it allocates nothing and takes no locks.
     unsafe {
         cmd.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            // Make user processes the OOM killer's first choice rather than the agent: if PID 1
+            // dies the whole sandbox goes. Raising one's own score needs no privilege.
+            let fd = libc::open(
+                c"/proc/self/oom_score_adj".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            );
+            if fd >= 0 {
+                libc::write(fd, OOM_SCORE_ADJ.as_ptr().cast(), OOM_SCORE_ADJ.len());
+                libc::close(fd);
             }
             if is_pty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
@@ -814,6 +826,8 @@ async fn pump(
     };
     agent.processes.finished(&proc);
     proc.stdin.lock().await.take();
+    // Background children still holding the pipes get EOF/EPIPE now, not after the retention.
+    drop(open);
     for (_, tx) in subscribers {
         let _ = tx.send(Event::End(end.clone())).await;
     }

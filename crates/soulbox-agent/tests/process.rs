@@ -509,3 +509,21 @@ async fn connection_is_reusable_after_a_chunked_stream_request() {
         String::from_utf8_lossy(&buf[..n])
     );
 }
+
+#[tokio::test]
+async fn children_inherit_no_agent_descriptors_and_yield_to_the_oom_killer() {
+    // Only stdio (and `ls`'s own directory fd) may be open: a leaked listener or pipe of the
+    // agent would let sandbox code interfere with it.
+    let o = run(
+        bash("ls -1 /proc/self/fd; cat /proc/self/oom_score_adj"),
+        &opts(),
+    )
+    .await;
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "0\n1\n2\n3\n100\n");
+    let mut pty = bash("ls -1 /proc/self/fd | tr '\\n' ' '");
+    pty.pty = Some(pb::Pty {
+        size: Some(pb::pty::Size { cols: 80, rows: 24 }),
+    });
+    let o = run(pty, &opts()).await;
+    assert_eq!(String::from_utf8_lossy(&o.pty).trim(), "0 1 2 3");
+}
