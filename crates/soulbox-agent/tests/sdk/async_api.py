@@ -1,4 +1,5 @@
-"""Drives a development agent with the real E2B Python SDK (async API) in debug mode.
+"""Drives the agent with the real E2B Python SDK (async API): a development agent in debug mode
+(E2B_DEBUG=true) or, with E2B_API_URL/E2B_SANDBOX_URL instead, a sandbox of a real server.
 
 Run: target/debug/soulbox agent --listen 127.0.0.1:49983 &
      E2B_DEBUG=true E2B_API_KEY=e2b_$(printf '0%.0s' {1..40}) python async_api.py
@@ -29,7 +30,8 @@ def check(cond, what):
 
 async def main():
     global checks
-    sbx = await AsyncSandbox.create(debug=True)
+    debug = os.environ.get("E2B_DEBUG", "").lower() == "true"
+    sbx = await AsyncSandbox.create(**({"debug": True} if debug else {}))
     base = f"/tmp/soulbox-sdk-async-{uuid.uuid4().hex[:8]}"
 
     r = await sbx.commands.run("echo hi; echo err >&2", envs={"A": "1"})
@@ -115,6 +117,8 @@ async def main():
     lst = await sbx.files.list(base)
     check(sorted(e.name for e in lst) == ["big", "w"], f"list {lst}")
     await sbx.files.remove(base)
+    if not debug:
+        await sbx.kill()
     print(f"async API: {checks} checks passed")
 
 

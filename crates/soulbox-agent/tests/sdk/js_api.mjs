@@ -1,4 +1,5 @@
-// Drives a development agent with the real E2B JS SDK in debug mode.
+// Drives the agent with the real E2B JS SDK: a development agent in debug mode (E2B_DEBUG=true)
+// or, with E2B_API_URL/E2B_SANDBOX_URL instead, a sandbox of a real server.
 // Run: target/debug/soulbox agent --listen 127.0.0.1:49983 &
 //      (cd /tmp/x && npm install e2b)
 //      E2B_JS=/tmp/x/node_modules/e2b/dist/index.mjs E2B_DEBUG=true E2B_API_KEY=e2b_000... node js_api.mjs
@@ -104,4 +105,5 @@ const got = await sbx.files.read(`${base}/big`, { format: 'bytes' })
 check(createHash('sha256').update(got).digest('hex') === createHash('sha256').update(blob).digest('hex'), '30 MiB round trip')
 
 await sbx.files.remove(base)
+if (!process.env.E2B_DEBUG) await sbx.kill()
 console.log(`JS API: ${checks} checks passed`)

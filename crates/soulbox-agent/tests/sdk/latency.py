@@ -13,7 +13,10 @@ from e2b import Sandbox
 
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 200
 user = sys.argv[2] if len(sys.argv) > 2 else None
-sbx = Sandbox.create(debug=True) if hasattr(Sandbox, "create") else Sandbox(debug=True)
+import os
+
+opts = {"debug": True} if os.environ.get("E2B_DEBUG", "").lower() == "true" else {}
+sbx = Sandbox.create(**opts) if hasattr(Sandbox, "create") else Sandbox(**opts)
 for _ in range(10):
     sbx.commands.run("true", user=user)
 samples = []
@@ -23,4 +26,6 @@ for _ in range(n):
     samples.append((time.perf_counter() - t0) * 1000)
 samples.sort()
 p = lambda q: samples[min(len(samples) - 1, int(q * len(samples)))]
+if not opts:
+    sbx.kill()
 print(f"commands.run('true', user={user!r}) x{n}: p50={p(0.5):.2f} ms p90={p(0.9):.2f} ms p99={p(0.99):.2f} ms mean={statistics.mean(samples):.2f} ms")

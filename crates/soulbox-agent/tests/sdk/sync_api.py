@@ -1,7 +1,8 @@
-"""Drives a development agent with the real E2B Python SDK (sync API) in debug mode.
+"""Drives the agent with the real E2B Python SDK (sync API).
 
-Run: target/debug/soulbox agent --listen 127.0.0.1:49983 &
-     E2B_DEBUG=true E2B_API_KEY=e2b_$(printf '0%.0s' {1..40}) python sync_api.py
+Development agent: target/debug/soulbox agent --listen 127.0.0.1:49983 &  (or sandboxed_agent.py)
+                   E2B_DEBUG=true E2B_API_KEY=e2b_$(printf '0%.0s' {1..40}) python sync_api.py
+Real server:       E2B_API_URL=... E2B_SANDBOX_URL=... E2B_API_KEY=... python sync_api.py
 """
 
 import hashlib
@@ -19,18 +20,22 @@ from e2b import (
     Sandbox,
     SandboxException,
 )
+from e2b.sandbox.commands.command_handle import PtySize
 
 # e2b 1.x raises NotFoundException where 2.x raises its subclass FileNotFoundException.
 FileNotFoundException = getattr(e2b, "FileNotFoundException", NotFoundException)
-from e2b.sandbox.commands.command_handle import PtySize
 
-# e2b 1.x has no Sandbox.create and reads E2B_DEBUG only through the `debug` argument.
 def supports(fn, arg):
     """Whether this SDK version's `fn` takes `arg` (older ones lack gzip, metadata, ...)."""
     return arg in inspect.signature(fn).parameters
 
 
-sbx = Sandbox.create(debug=True) if hasattr(Sandbox, "create") else Sandbox(debug=True)
+# With E2B_DEBUG=true: a development agent on localhost:49983 (e2b 1.x has no Sandbox.create
+# and reads E2B_DEBUG only through the `debug` argument). Otherwise: a real sandbox from the
+# server in E2B_API_URL / E2B_SANDBOX_URL, killed at the end.
+DEBUG = os.environ.get("E2B_DEBUG", "").lower() == "true"
+opts = {"debug": True} if DEBUG else {}
+sbx = Sandbox.create(**opts) if hasattr(Sandbox, "create") else Sandbox(**opts)
 base = f"/tmp/soulbox-sdk-{uuid.uuid4().hex[:8]}"
 checks = 0
 
@@ -281,4 +286,6 @@ except (FileNotFoundException, NotFoundException):
     checks += 1
 
 sbx.files.remove(base)
+if not DEBUG:
+    sbx.kill()
 print(f"sync API: {checks} checks passed")
