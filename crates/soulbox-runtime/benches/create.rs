@@ -4,12 +4,14 @@
 //! The rootfs is `SOULBOX_BENCH_ROOTFS` or `/tmp/rootfs-trial/root`; the agent is a shell
 //! script that sleeps, so `create` is measured up to the agent's exec, which is where
 //! `Runtime::create` returns. Also reports a burst: 50 sandboxes alive at once, then destroyed.
+//! With `SOULBOX_BENCH_BTRFS=1` the state dir is a loop-mounted btrfs (`prepare_state_fs`) and
+//! every sandbox gets a 1 GiB disk limit, to measure what the limit costs.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use soulbox_runtime::{Limits, Runtime, RuntimeConfig, SandboxSpec};
+use soulbox_runtime::{Limits, Runtime, RuntimeConfig, SandboxSpec, prepare_state_fs};
 
 fn percentiles(label: &str, mut v: Vec<Duration>) {
     v.sort();
@@ -40,8 +42,13 @@ fn main() {
     std::fs::write(&agent, "#!/bin/sh\nexec sleep infinity\n").expect("agent");
     std::fs::set_permissions(&agent, PermissionsExt::from_mode(0o755)).expect("chmod");
     let cgroup_name = format!("soulbox-bench-{}", std::process::id());
+    let state_dir = dir.path().join("sandboxes");
+    let btrfs = std::env::var_os("SOULBOX_BENCH_BTRFS").is_some();
+    if btrfs {
+        prepare_state_fs(&state_dir, &dir.path().join("state.btrfs"), 8192).expect("btrfs");
+    }
     let rt = Runtime::new(RuntimeConfig {
-        state_dir: dir.path().join("sandboxes"),
+        state_dir: state_dir.clone(),
         agent_binary: agent,
         cgroup_name,
     })
@@ -53,7 +60,10 @@ fn main() {
         SandboxSpec {
             id: format!("bench{seq:015}"),
             layers: vec![rootfs.clone()],
-            limits: Limits::default(),
+            limits: Limits {
+                disk_mb: if btrfs { 1024 } else { 0 },
+                ..Limits::default()
+            },
         }
     };
     tokio.block_on(async {
@@ -94,5 +104,10 @@ fn main() {
         if let Some(parent) = d.parent() {
             let _ = std::fs::remove_dir(parent);
         }
+    }
+    if btrfs {
+        let _ = std::process::Command::new("umount")
+            .arg(&state_dir)
+            .status();
     }
 }

@@ -16,9 +16,11 @@
 //! See `ARCHITECTURE.md` ("Runtime") for the contract and the module docs for each mechanism.
 
 mod cgroup;
+mod disk;
 mod error;
 mod proc;
 mod rootfs;
+mod seccomp;
 mod spawn;
 mod sys;
 mod userns;
@@ -39,6 +41,7 @@ use rustix::fs::{Gid, Uid, chown};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Context;
+pub use disk::prepare_state_fs;
 pub use error::RuntimeError;
 
 /// Where the runtime keeps its state and what it runs inside every sandbox.
@@ -63,8 +66,12 @@ pub struct Limits {
     pub memory_mb: u64,
     /// Maximum number of tasks (processes + threads) in the sandbox.
     pub pids_max: u64,
-    /// Size limit of the sandbox's writable layer in MiB. Not enforced yet (issue 4).
+    /// Size limit of the sandbox's writable layer in MiB (0: none). Enforced when `state_dir`
+    /// is on btrfs (see [`prepare_state_fs`]): writes past it fail with EDQUOT inside.
     pub disk_mb: u64,
+    /// Hard RLIMIT_NOFILE of every process in the sandbox (the soft limit is 1024, or this
+    /// if lower). Kernel memory for open files counts against `memory_mb` too.
+    pub open_files: u64,
 }
 
 impl Default for Limits {
@@ -75,6 +82,7 @@ impl Default for Limits {
             memory_mb: 512,
             pids_max: 4096,
             disk_mb: 10 * 1024,
+            open_files: 65536,
         }
     }
 }
@@ -120,6 +128,10 @@ struct Inner {
     devnull: OwnedFd,
     /// `state_dir/.attach`, see [`spawn::Plan::attach_point`].
     attach_point: CString,
+    /// The seccomp filter, built once.
+    seccomp: Vec<libc::sock_filter>,
+    /// Disk limits, when `state_dir` is on btrfs.
+    disk: Option<disk::Disk>,
 }
 
 /// The directory inside `state_dir` every sandbox's root is attached on (in its own mount
@@ -133,6 +145,9 @@ const AGENT_ENV: [&str; 2] = [
     "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME=/root",
 ];
+
+/// The kernel's default `fs.nr_open`: the most RLIMIT_NOFILE can be.
+const MAX_OPEN_FILES: u64 = 1 << 20;
 
 /// Sandbox ids: 20 characters of `[a-z0-9]` (they name directories, cgroups and the hostname).
 pub(crate) fn valid_id(id: &str) -> bool {
@@ -158,9 +173,15 @@ fn check_spec(spec: &SandboxSpec) -> Result<(), RuntimeError> {
         }
     }
     let l = &spec.limits;
-    if l.cpu_count == 0 || l.memory_mb < 16 || l.memory_mb > (u64::MAX >> 20) || l.pids_max == 0 {
+    if l.cpu_count == 0
+        || l.memory_mb < 16
+        || l.memory_mb > (u64::MAX >> 20)
+        || l.pids_max == 0
+        || !(64..=MAX_OPEN_FILES).contains(&l.open_files)
+    {
         return Err(RuntimeError::InvalidSpec(format!(
-            "limits out of range (cpu_count ≥ 1, memory_mb ≥ 16, pids_max ≥ 1): {l:?}"
+            "limits out of range (cpu_count ≥ 1, memory_mb ≥ 16, pids_max ≥ 1, \
+             64 ≤ open_files ≤ {MAX_OPEN_FILES}): {l:?}"
         )));
     }
     Ok(())
@@ -214,11 +235,25 @@ impl Runtime {
                 .ctx(|| format!("create {}", dir.display()))
         };
         host_only(&cfg.state_dir)?;
+        // Absolute and canonical: the uid-slot registry names sandboxes by this path.
+        let state_dir = fs::canonicalize(&cfg.state_dir)
+            .ctx(|| format!("resolve {}", cfg.state_dir.display()))?;
+        let cfg = RuntimeConfig { state_dir, ..cfg };
+        let name = &cfg.cgroup_name;
         let attach = cfg.state_dir.join(ATTACH_DIR);
         host_only(&attach)?;
         let attach_point = CString::new(attach.as_os_str().as_bytes())
             .map_err(|_| RuntimeError::InvalidSpec("state_dir contains NUL".into()))?;
         let cgroups = cgroup::Cgroups::new(name)?;
+        let seccomp = seccomp::build()?;
+        let disk = disk::Disk::new(&cfg.state_dir)?;
+        if disk.is_none() {
+            tracing::warn!(
+                state_dir = %cfg.state_dir.display(),
+                "state_dir is not on btrfs: sandbox disk limits are not enforced \
+                 (see soulbox_runtime::prepare_state_fs)"
+            );
+        }
         let devnull = fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -230,7 +265,7 @@ impl Runtime {
             if entry.file_name().to_str().is_some_and(valid_id)
                 && let Ok(meta) = entry.metadata()
             {
-                userns::mark_used(meta.gid());
+                userns::mark_used(meta.gid(), &entry.path());
             }
         }
         Ok(Runtime {
@@ -239,6 +274,8 @@ impl Runtime {
                 cgroups,
                 devnull,
                 attach_point,
+                seccomp,
+                disk,
             }),
         })
     }
@@ -277,7 +314,7 @@ impl Runtime {
         let alive = valid_id(&h.id)
             && self.inner.dir(&h.id).is_dir()
             && proc::pidfd_if_same(h.pid, h.start_time).is_some_and(|(_, st)| st.is_alive());
-        alive && userns::mark_used(h.uid_base)
+        alive && userns::mark_used(h.uid_base, &self.inner.dir(&h.id))
     }
 
     /// Resolves when the sandbox's PID 1 is gone (immediately if it already is), and reaps it
@@ -353,7 +390,11 @@ impl Inner {
 
     fn create(&self, spec: &SandboxSpec) -> Result<SandboxHandle, RuntimeError> {
         let dir = self.dir(&spec.id);
-        match DirBuilder::new().mode(0o700).create(&dir) {
+        let made = match &self.disk {
+            Some(disk) => disk.create(&spec.id, spec.limits.disk_mb),
+            None => DirBuilder::new().mode(0o700).create(&dir),
+        };
+        match made {
             Ok(()) => {}
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {
                 return Err(RuntimeError::AlreadyExists(spec.id.clone()));
@@ -368,13 +409,15 @@ impl Inner {
     }
 
     fn start(&self, spec: &SandboxSpec, dir: &Path) -> Result<SandboxHandle, RuntimeError> {
-        let uid_base = userns::reserve().ok_or(RuntimeError::NoUidRange)?;
+        let uid_base = userns::reserve(dir)
+            .ctx(|| "reserve a uid range")?
+            .ok_or(RuntimeError::NoUidRange)?;
         // The state directory's group records the uid range (mode 0700: the group gets no
         // access), so teardown knows which range to free and a restarted server which are taken.
         // Not the upper directory's owner: sandbox root can chown its `/`, which is that dir.
         let range_gid = Gid::from_raw(uid_base);
         if let Err(e) = chown(dir, None, Some(range_gid)) {
-            userns::release(uid_base);
+            userns::release(uid_base, dir);
             return Err(e).ctx(|| format!("chown {}", dir.display()));
         }
         let upper = dir.join(rootfs::UPPER);
@@ -423,6 +466,8 @@ impl Inner {
                 .iter()
                 .map(|e| cstr(e))
                 .collect::<Result<_, _>>()?,
+            nofile: spec.limits.open_files,
+            seccomp: &self.seccomp,
         };
         let pid = spawn::spawn(&plan)?;
         drop(plan);
@@ -465,13 +510,13 @@ impl Inner {
         self.cgroups.remove(id)?;
         let dir = self.dir(id);
         let range = fs::metadata(&dir).ok().map(|m| m.gid());
-        match fs::remove_dir_all(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => return Err(e).ctx(|| format!("remove {}", dir.display())),
+        match &self.disk {
+            Some(disk) => disk.remove(id),
+            None => disk::remove_tree(&dir),
         }
+        .ctx(|| format!("remove {}", dir.display()))?;
         if let Some(range) = range {
-            userns::release(range);
+            userns::release(range, &dir);
         }
         Ok(())
     }

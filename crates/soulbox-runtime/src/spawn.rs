@@ -10,7 +10,8 @@
 //! namespaces, in this order:
 //!
 //! 1. `setsid` — own session: nothing of the server's terminal or process group reaches it.
-//! 2. Reset every signal disposition to default (the server's handlers must not run here).
+//! 2. Reset every signal disposition to default (the server's handlers must not run here);
+//!    set RLIMIT_NOFILE.
 //! 3. Move itself into its cgroups (writes `0` to each `cgroup.procs`), then unshare a cgroup
 //!    namespace rooted there: limits apply before it runs anything.
 //! 4. Hostname = sandbox id; bring `lo` up (one ioctl: no helper process, no netlink).
@@ -19,9 +20,16 @@
 //!    root: nothing of the host's filesystem stays reachable.
 //! 6. Join the sandbox user namespace and become its root (uid/gid 0, no supplementary groups).
 //!    The mount, uts, ipc and net namespaces were created by host root before this, so they
-//!    belong to the host user namespace and sandbox root has no capability over them.
+//!    belong to the host user namespace and sandbox root has no capability over them. Drop
+//!    the bounding set to [`KEPT_CAPS`].
 //! 7. stdin/stdout/stderr = `/dev/null` (the host's, opened beforehand), the agent's listening
-//!    socket = fd 3, every other descriptor close-on-exec; unblock signals; exec the agent.
+//!    socket = fd 3, every other descriptor close-on-exec; install the seccomp filter
+//!    (`crate::seccomp`); unblock signals; exec the agent.
+//!
+//! No `no_new_privs`: templates give `user` passwordless `sudo`, a setuid binary, and E2B
+//! users rely on it. What setuid can reach is sandbox root, which is itself unprivileged on
+//! the host, bounded by [`KEPT_CAPS`] and the filter. (Installing the filter without
+//! `no_new_privs` is allowed because PID 1 holds CAP_SYS_ADMIN in its user namespace.)
 //!
 //! There is no `PR_SET_PDEATHSIG`: the sandbox outlives the server. It stays our child, so the
 //! runtime reaps it (see `proc::reap`); after a server restart, init does.
@@ -40,8 +48,8 @@ use rustix::mount::{
 };
 use rustix::process::{chdir, pivot_root, setsid, umask};
 use rustix::thread::{
-    Gid, LinkNameSpaceType, Uid, UnshareFlags, move_into_link_name_space, set_thread_groups,
-    set_thread_res_gid, set_thread_res_uid, unshare_unsafe,
+    CapabilitySet, Gid, LinkNameSpaceType, Uid, UnshareFlags, move_into_link_name_space,
+    set_thread_groups, set_thread_res_gid, set_thread_res_uid, unshare_unsafe,
 };
 
 use crate::RuntimeError;
@@ -69,6 +77,10 @@ pub(crate) struct Plan<'a> {
     pub(crate) devnull: BorrowedFd<'a>,
     pub(crate) argv: Vec<CString>,
     pub(crate) env: Vec<CString>,
+    /// Hard RLIMIT_NOFILE.
+    pub(crate) nofile: u64,
+    /// The seccomp filter (BPF).
+    pub(crate) seccomp: &'a [libc::sock_filter],
 }
 
 /// What the child reads: raw descriptors and pointers only, shared with the parent (CLONE_VM).
@@ -83,27 +95,50 @@ struct Shared<'a> {
     devnull: RawFd,
     argv: &'a [*const c_char],
     envp: &'a [*const c_char],
+    nofile: u64,
+    seccomp: libc::sock_fprog,
     /// Set by the child when a step fails: the step's index + 1, and the errno.
     failed_step: AtomicUsize,
     errno: AtomicI32,
 }
 
-/// Names of the child's steps, for errors.
-const STEPS: [&str; 13] = [
-    "setsid",
-    "join cgroup",
-    "unshare cgroup namespace",
-    "set hostname",
-    "bring up loopback",
-    "make mounts private",
-    "mount /proc",
-    "attach root",
-    "pivot_root",
-    "join user namespace",
-    "become sandbox root",
-    "set up descriptors",
-    "exec agent",
-];
+/// The child's steps, in order; a failure reports the step's name.
+mod step {
+    pub(super) const SETSID: usize = 0;
+    pub(super) const RLIMITS: usize = 1;
+    pub(super) const JOIN_CGROUP: usize = 2;
+    pub(super) const CGROUP_NS: usize = 3;
+    pub(super) const HOSTNAME: usize = 4;
+    pub(super) const LOOPBACK: usize = 5;
+    pub(super) const PRIVATE_MOUNTS: usize = 6;
+    pub(super) const MOUNT_PROC: usize = 7;
+    pub(super) const ATTACH_ROOT: usize = 8;
+    pub(super) const PIVOT_ROOT: usize = 9;
+    pub(super) const JOIN_USERNS: usize = 10;
+    pub(super) const BECOME_ROOT: usize = 11;
+    pub(super) const DROP_CAPS: usize = 12;
+    pub(super) const DESCRIPTORS: usize = 13;
+    pub(super) const SECCOMP: usize = 14;
+    pub(super) const EXEC: usize = 15;
+    pub(super) const NAMES: [&str; 16] = [
+        "setsid",
+        "set resource limits",
+        "join cgroup",
+        "unshare cgroup namespace",
+        "set hostname",
+        "bring up loopback",
+        "make mounts private",
+        "mount /proc",
+        "attach root",
+        "pivot_root",
+        "join user namespace",
+        "become sandbox root",
+        "drop capabilities",
+        "set up descriptors",
+        "install seccomp filter",
+        "exec agent",
+    ];
+}
 
 /// Clones the sandbox's PID 1 into new pid, mount, uts, ipc and net namespaces and runs the
 /// steps above; returns its host pid once it has exec'd the agent.
@@ -132,6 +167,12 @@ pub(crate) fn spawn(plan: &Plan<'_>) -> Result<i32, RuntimeError> {
         devnull: plan.devnull.as_raw_fd(),
         argv: &argv,
         envp: &envp,
+        nofile: plan.nofile,
+        seccomp: libc::sock_fprog {
+            // The length was checked against u16::MAX when the filter was built.
+            len: plan.seccomp.len() as u16,
+            filter: plan.seccomp.as_ptr().cast_mut(),
+        },
         failed_step: AtomicUsize::new(0),
         errno: AtomicI32::new(0),
     };
@@ -176,7 +217,7 @@ pub(crate) fn spawn(plan: &Plan<'_>) -> Result<i32, RuntimeError> {
         {}
     }
     Err(RuntimeError::Init {
-        step: STEPS.get(step - 1).copied().unwrap_or("?"),
+        step: step::NAMES.get(step - 1).copied().unwrap_or("?"),
         source: io::Error::from_raw_os_error(shared.errno.load(Ordering::Acquire)),
     })
 }
@@ -192,7 +233,7 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
     1
 }
 
-/// A failed step of the child: its index in [`STEPS`] and the raw errno. (Raw, because
+/// A failed step of the child: its index in [`step::NAMES`] and the raw errno. (Raw, because
 /// rustix's `Errno::from_raw_os_error` asserts on odd values, and a panic here is fatal.)
 type Failed = (usize, i32);
 
@@ -208,24 +249,26 @@ fn setup_and_exec(s: &Shared<'_>) -> Result<Infallible, Failed> {
         unsafe { BorrowedFd::borrow_raw(raw) }
     };
 
-    setsid().map_err(at(0))?;
+    setsid().map_err(at(step::SETSID))?;
     reset_signal_handlers();
+    // While still host root: raising a hard limit needs CAP_SYS_RESOURCE on the host.
+    set_nofile(s.nofile).map_err(|e| (step::RLIMITS, e))?;
 
     for &procs in s.procs {
-        rustix::io::write(fd(procs), b"0").map_err(at(1))?;
+        rustix::io::write(fd(procs), b"0").map_err(at(step::JOIN_CGROUP))?;
     }
     // SAFETY: unsharing only the cgroup namespace touches no state our memory depends on.
-    unsafe { unshare_unsafe(UnshareFlags::NEWCGROUP) }.map_err(at(2))?;
+    unsafe { unshare_unsafe(UnshareFlags::NEWCGROUP) }.map_err(at(step::CGROUP_NS))?;
 
-    rustix::system::sethostname(s.hostname).map_err(at(3))?;
-    loopback_up().map_err(|e| (4, e))?;
+    rustix::system::sethostname(s.hostname).map_err(at(step::HOSTNAME))?;
+    loopback_up().map_err(|e| (step::LOOPBACK, e))?;
 
     mount_change(
         c"/",
         MountPropagationFlags::REC | MountPropagationFlags::PRIVATE,
     )
-    .map_err(at(5))?;
-    mount_proc(fd(s.proc_dir)).map_err(at(6))?;
+    .map_err(at(step::PRIVATE_MOUNTS))?;
+    mount_proc(fd(s.proc_dir)).map_err(at(step::MOUNT_PROC))?;
     move_mount(
         fd(s.tree),
         c"",
@@ -233,31 +276,137 @@ fn setup_and_exec(s: &Shared<'_>) -> Result<Infallible, Failed> {
         s.attach_point,
         MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
     )
-    .map_err(at(7))?;
-    chdir(s.attach_point).map_err(at(8))?;
-    pivot_root(c".", c".").map_err(at(8))?;
-    unmount(c".", UnmountFlags::DETACH).map_err(at(8))?;
-    chdir(c"/").map_err(at(8))?;
+    .map_err(at(step::ATTACH_ROOT))?;
+    chdir(s.attach_point).map_err(at(step::PIVOT_ROOT))?;
+    pivot_root(c".", c".").map_err(at(step::PIVOT_ROOT))?;
+    unmount(c".", UnmountFlags::DETACH).map_err(at(step::PIVOT_ROOT))?;
+    chdir(c"/").map_err(at(step::PIVOT_ROOT))?;
 
-    move_into_link_name_space(fd(s.userns), Some(LinkNameSpaceType::User)).map_err(at(9))?;
-    set_thread_groups(&[]).map_err(at(10))?;
-    let (root_gid, root_uid) = (Gid::ROOT, Uid::ROOT);
-    set_thread_res_gid(root_gid, root_gid, root_gid).map_err(at(10))?;
-    set_thread_res_uid(root_uid, root_uid, root_uid).map_err(at(10))?;
+    move_into_link_name_space(fd(s.userns), Some(LinkNameSpaceType::User))
+        .map_err(at(step::JOIN_USERNS))?;
+    set_thread_groups(&[]).map_err(at(step::BECOME_ROOT))?;
+    set_thread_res_gid(Gid::ROOT, Gid::ROOT, Gid::ROOT).map_err(at(step::BECOME_ROOT))?;
+    set_thread_res_uid(Uid::ROOT, Uid::ROOT, Uid::ROOT).map_err(at(step::BECOME_ROOT))?;
+    drop_capabilities().map_err(|e| (step::DROP_CAPS, e))?;
     umask(Mode::from_raw_mode(0o022));
 
     for target in 0..3 {
-        dup2(s.devnull, target).map_err(|e| (11, e))?;
+        dup2(s.devnull, target).map_err(|e| (step::DESCRIPTORS, e))?;
     }
-    dup2(s.listener, AGENT_FD).map_err(|e| (11, e))?;
-    close_range_cloexec(AGENT_FD + 1).map_err(|e| (11, e))?;
+    dup2(s.listener, AGENT_FD).map_err(|e| (step::DESCRIPTORS, e))?;
+    close_range_cloexec(AGENT_FD + 1).map_err(|e| (step::DESCRIPTORS, e))?;
 
+    // Last: the filter forbids some of the calls above (setns, mount, ...).
+    install_seccomp(&s.seccomp).map_err(|e| (step::SECCOMP, e))?;
     unblock_signals();
     // SAFETY: argv and envp are NULL-terminated arrays of C strings owned by the parent's plan.
     unsafe {
         libc::execve(AGENT_PATH.as_ptr(), s.argv.as_ptr(), s.envp.as_ptr());
     }
-    Err((12, last_errno()))
+    Err((step::EXEC, last_errno()))
+}
+
+/// Capabilities sandbox root keeps (in its own user namespace; it has none on the host):
+/// what managing files, users and processes inside needs (package managers, `sudo`, `chown`,
+/// debuggers). Everything else leaves the bounding set, so no exec (setuid or not) regains
+/// it. Most dropped ones would only act on namespaces the host owns (network, mounts,
+/// hostname, IPC) and fail anyway; dropping them also removes CAP_SYS_ADMIN's side doors
+/// (e.g. unsharing a mount namespace, which the seccomp filter refuses as well).
+pub(crate) const KEPT_CAPS: u64 = CapabilitySet::CHOWN
+    .union(CapabilitySet::DAC_OVERRIDE)
+    .union(CapabilitySet::DAC_READ_SEARCH)
+    .union(CapabilitySet::FOWNER)
+    .union(CapabilitySet::FSETID)
+    .union(CapabilitySet::KILL)
+    .union(CapabilitySet::SETGID)
+    .union(CapabilitySet::SETUID)
+    .union(CapabilitySet::SETPCAP)
+    .union(CapabilitySet::NET_BIND_SERVICE)
+    .union(CapabilitySet::SYS_CHROOT)
+    .union(CapabilitySet::SYS_PTRACE)
+    .union(CapabilitySet::AUDIT_WRITE)
+    .union(CapabilitySet::SETFCAP)
+    .bits();
+
+/// Drops every capability not in [`KEPT_CAPS`] from the bounding set and clears the ambient
+/// set. (Capabilities past the kernel's last one answer EINVAL; that ends the loop.)
+fn drop_capabilities() -> Result<(), i32> {
+    for cap in 0..64 {
+        if KEPT_CAPS & (1 << cap) != 0 {
+            continue;
+        }
+        // SAFETY: prctl with integer arguments only.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } < 0 {
+            match last_errno() {
+                libc::EINVAL => break,
+                e => return Err(e),
+            }
+        }
+    }
+    // SAFETY: as above.
+    if unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    } < 0
+    {
+        return Err(last_errno());
+    }
+    Ok(())
+}
+
+/// RLIMIT_NOFILE: soft 1024 (what `select`-based code and most distributions expect), hard
+/// `nofile` (programs that want more raise their soft limit themselves). A server without
+/// CAP_SYS_RESOURCE (some container hosts drop it) cannot raise a hard limit, so then the hard
+/// limit is capped at its own.
+fn set_nofile(nofile: u64) -> Result<(), i32> {
+    let set = |hard: u64| {
+        let lim = libc::rlimit {
+            rlim_cur: hard.min(1024),
+            rlim_max: hard,
+        };
+        // SAFETY: setrlimit reads the struct we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } < 0 {
+            Err(last_errno())
+        } else {
+            Ok(())
+        }
+    };
+    match set(nofile) {
+        Err(libc::EPERM) => {
+            let mut own = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: getrlimit writes into the struct we pass.
+            if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut own) } < 0 {
+                return Err(last_errno());
+            }
+            set(nofile.min(own.rlim_max))
+        }
+        other => other,
+    }
+}
+
+fn install_seccomp(prog: &libc::sock_fprog) -> Result<(), i32> {
+    // SAFETY: `prog` points into the runtime's filter, which outlives this child; the kernel
+    // copies it. Allowed without no_new_privs: we hold CAP_SYS_ADMIN in our user namespace.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            0,
+            prog as *const libc::sock_fprog,
+        )
+    };
+    if rc < 0 {
+        return Err(last_errno());
+    }
+    Ok(())
 }
 
 fn last_errno() -> i32 {

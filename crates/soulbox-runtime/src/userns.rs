@@ -5,13 +5,19 @@
 //! sandbox holds its own slot, so no two sandboxes share a host uid: even a kernel bug that let
 //! one sandbox's root act on host objects by uid would not reach another sandbox's files.
 //!
-//! The allocator is process-wide (all `Runtime`s of a process share it); a restarted server
-//! learns the slots in use from the state directories (see `lib.rs`).
+//! Slots are taken host-wide, so that two servers (or a server and tests) on one host never
+//! hand out the same range: `/run/soulbox/uid-slots/<n>` is a symlink to the state directory
+//! of the sandbox holding slot `n`, created atomically to take it and removed to free it.
+//! `/run` is cleared at boot, when no sandbox survives anyway; a link whose sandbox directory
+//! is gone is stale and may be taken over. A process-wide bitmap remembers this process's own
+//! slots, so taking one rarely needs more than one try.
 
 use std::ffi::{c_int, c_void};
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, ErrorKind, Write};
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::sys::{SignalsBlocked, Stack, clone_vm};
@@ -22,8 +28,11 @@ const FIRST_BASE: u32 = 0x1000_0000;
 /// Slots whose whole range stays below `u32::MAX` (which is not a valid id).
 const SLOTS: usize = ((u32::MAX - FIRST_BASE) / RANGE) as usize;
 const WORDS: usize = SLOTS.div_ceil(64);
+/// The host-wide registry of taken slots.
+const REGISTRY: &str = "/run/soulbox/uid-slots";
 
-static USED: Mutex<[u64; WORDS]> = Mutex::new([0; WORDS]);
+/// Slots this process holds.
+static OURS: Mutex<[u64; WORDS]> = Mutex::new([0; WORDS]);
 
 fn slot_of(uid_base: u32) -> Option<usize> {
     let off = uid_base.checked_sub(FIRST_BASE)?;
@@ -31,37 +40,92 @@ fn slot_of(uid_base: u32) -> Option<usize> {
     (off % RANGE == 0 && slot < SLOTS).then_some(slot)
 }
 
-fn used() -> std::sync::MutexGuard<'static, [u64; WORDS]> {
+fn base_of(slot: usize) -> u32 {
+    FIRST_BASE + slot as u32 * RANGE
+}
+
+fn ours() -> std::sync::MutexGuard<'static, [u64; WORDS]> {
     // The bitmap stays consistent even if a holder panicked: every update is a single store.
-    USED.lock().unwrap_or_else(|e| e.into_inner())
+    OURS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Takes the lowest free slot; returns its host uid base.
-pub(crate) fn reserve() -> Option<u32> {
-    let mut used = used();
-    let (word, bits) = used.iter_mut().enumerate().find(|(_, w)| **w != u64::MAX)?;
-    let bit = bits.trailing_ones() as usize;
-    let slot = word * 64 + bit;
-    if slot >= SLOTS {
-        return None;
+fn link(slot: usize) -> PathBuf {
+    Path::new(REGISTRY).join(slot.to_string())
+}
+
+fn registry() -> io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(REGISTRY)
+}
+
+/// Takes `slot` for `owner` unless someone else holds it. A stale link (its directory is gone)
+/// is replaced.
+fn claim(slot: usize, owner: &Path) -> io::Result<bool> {
+    let path = link(slot);
+    match std::os::unix::fs::symlink(owner, &path) {
+        Ok(()) => return Ok(true),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
     }
-    *bits |= 1 << bit;
-    Some(FIRST_BASE + slot as u32 * RANGE)
+    match std::fs::read_link(&path) {
+        Ok(target) if target == owner => Ok(true),
+        Ok(target) if !target.exists() => {
+            // Stale. Removing and re-linking can race another taker; whoever links first wins.
+            let _ = std::fs::remove_file(&path);
+            match std::os::unix::fs::symlink(owner, &path) {
+                Ok(()) => Ok(true),
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(e),
+            }
+        }
+        Ok(_) => Ok(false),
+        Err(e) if e.kind() == ErrorKind::NotFound => claim(slot, owner),
+        Err(e) => Err(e),
+    }
 }
 
-/// Marks the slot of `uid_base` as taken (after a restart); `false` if it is not a slot base.
-pub(crate) fn mark_used(uid_base: u32) -> bool {
+/// Takes the lowest free slot for the sandbox whose state directory is `owner`; returns its
+/// host uid base, or None when all are taken.
+pub(crate) fn reserve(owner: &Path) -> io::Result<Option<u32>> {
+    registry()?;
+    let mut ours = ours();
+    for slot in 0..SLOTS {
+        if ours[slot / 64] & (1 << (slot % 64)) != 0 {
+            continue;
+        }
+        if claim(slot, owner)? {
+            ours[slot / 64] |= 1 << (slot % 64);
+            return Ok(Some(base_of(slot)));
+        }
+    }
+    Ok(None)
+}
+
+/// Marks the slot of `uid_base` as held by `owner` (a sandbox found after a restart);
+/// `false` if `uid_base` is not a slot base or another sandbox holds it.
+pub(crate) fn mark_used(uid_base: u32, owner: &Path) -> bool {
     let Some(slot) = slot_of(uid_base) else {
         return false;
     };
-    used()[slot / 64] |= 1 << (slot % 64);
+    if registry().is_err() || !claim(slot, owner).unwrap_or(false) {
+        return false;
+    }
+    ours()[slot / 64] |= 1 << (slot % 64);
     true
 }
 
-pub(crate) fn release(uid_base: u32) {
-    if let Some(slot) = slot_of(uid_base) {
-        used()[slot / 64] &= !(1 << (slot % 64));
+/// Frees the slot of `uid_base` if `owner` holds it.
+pub(crate) fn release(uid_base: u32, owner: &Path) {
+    let Some(slot) = slot_of(uid_base) else {
+        return;
+    };
+    let path = link(slot);
+    if std::fs::read_link(&path).is_ok_and(|t| t == owner) {
+        let _ = std::fs::remove_file(&path);
     }
+    ours()[slot / 64] &= !(1 << (slot % 64));
 }
 
 /// Body of the helper child: it only has to exist while its maps are written.
@@ -129,22 +193,35 @@ mod tests {
         assert_eq!(slot_of(FIRST_BASE + 1), None);
         assert_eq!(slot_of(0), None);
         assert_eq!(slot_of(1000), None);
-        let last = FIRST_BASE + (SLOTS as u32 - 1) * RANGE;
+        let last = base_of(SLOTS - 1);
         assert_eq!(slot_of(last), Some(SLOTS - 1));
         assert!(u64::from(last) + u64::from(RANGE) <= u64::from(u32::MAX));
         assert_eq!(slot_of(last + RANGE), None);
     }
 
     #[test]
-    fn reserve_release_reuse() {
-        let a = reserve().expect("slot");
-        let b = reserve().expect("slot");
-        assert_ne!(a, b);
-        assert!(slot_of(a).is_some() && slot_of(b).is_some());
-        release(a);
-        assert!(mark_used(a));
-        release(a);
-        release(b);
-        assert!(!mark_used(12345));
+    fn slots_are_exclusive_and_stale_ones_reused() {
+        if !rustix::process::geteuid().is_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::create_dir(&a).expect("mkdir");
+        std::fs::create_dir(&b).expect("mkdir");
+        let base_a = reserve(&a).expect("registry").expect("slot");
+        let base_b = reserve(&b).expect("registry").expect("slot");
+        assert_ne!(base_a, base_b);
+        // Another holder (as if another process): the link names b, not a.
+        assert!(!mark_used(base_b, &a));
+        assert!(mark_used(base_a, &a));
+        // b's directory disappears without a release: its slot is stale and can be taken.
+        std::fs::remove_dir(&b).expect("rmdir");
+        ours()[slot_of(base_b).expect("slot") / 64] &=
+            !(1 << (slot_of(base_b).expect("slot") % 64));
+        assert!(mark_used(base_b, &a));
+        release(base_b, &a);
+        release(base_a, &a);
+        assert!(!link(slot_of(base_a).expect("slot")).exists());
+        assert!(!mark_used(12345, &a));
     }
 }

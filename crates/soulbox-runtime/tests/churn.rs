@@ -91,7 +91,7 @@ async fn churn_200_cycles_leaks_nothing() {
         let t = Instant::now();
         env.rt.destroy(&h).await.expect("destroy");
         destroy.push(t.elapsed());
-        assert!(!mnt_ns_in_use(&ns), "mounts of {} outlive it", h.id);
+        assert!(!mnt_ns_in_use(ns), "mounts of {} outlive it", h.id);
         assert!(!pid_exists(h.pid), "PID 1 of {} not reaped", h.id);
     }
     create.sort();

@@ -219,7 +219,7 @@ async fn limits_are_applied() {
         cpu_count: 3,
         memory_mb: 200,
         pids_max: 77,
-        disk_mb: 1024,
+        ..Limits::default()
     });
     let h = env.rt.create(&spec).await.expect("create");
     let cpu = env

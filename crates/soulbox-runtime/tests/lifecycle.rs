@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use soulbox_runtime::{Limits, Runtime, RuntimeConfig, RuntimeError, SandboxHandle};
 
-fn assert_gone(env: &Env, h: &SandboxHandle, ns: &str) {
+fn assert_gone(env: &Env, h: &SandboxHandle, ns: u64) {
     assert!(
         !env.cfg.state_dir.join(&h.id).exists(),
         "state dir left behind"
@@ -35,9 +35,9 @@ async fn destroy_reclaims_everything_and_is_idempotent() {
         "sleep 1000 >/dev/null 2>&1 & (trap '' TERM; sleep 1000) >/dev/null 2>&1 & echo started",
     );
     let ns = mnt_ns(h.pid);
-    assert!(mnt_ns_in_use(&ns));
+    assert!(mnt_ns_in_use(ns));
     env.rt.destroy(&h).await.expect("destroy");
-    assert_gone(&env, &h, &ns);
+    assert_gone(&env, &h, ns);
     env.rt.destroy(&h).await.expect("second destroy is a no-op");
     tokio::time::timeout(Duration::from_secs(1), env.rt.exited(&h))
         .await
@@ -185,7 +185,7 @@ async fn reap_orphans_removes_only_unknown_sandboxes() {
     tokio::time::timeout(Duration::from_secs(5), env.rt.exited(&orphan))
         .await
         .expect("orphan's PID 1 gone");
-    assert!(!mnt_ns_in_use(&orphan_ns));
+    assert!(!mnt_ns_in_use(orphan_ns));
     assert_eq!(sh(&keep, "echo kept"), "kept");
     assert_eq!(
         env.rt

@@ -40,7 +40,7 @@ pub fn agent_py() -> PathBuf {
 pub struct Env {
     pub rt: Runtime,
     pub cfg: RuntimeConfig,
-    _state: tempfile::TempDir,
+    _state: Option<tempfile::TempDir>,
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -61,8 +61,15 @@ impl Env {
             .prefix("sbx-")
             .tempdir()
             .expect("tempdir");
+        let mut env = Env::at(tag, agent, &state.path().join("sandboxes"));
+        env._state = Some(state);
+        env
+    }
+
+    /// A runtime on `state_dir`, which the caller cleans up.
+    pub fn at(tag: &str, agent: &Path, state_dir: &Path) -> Env {
         let cfg = RuntimeConfig {
-            state_dir: state.path().join("sandboxes"),
+            state_dir: state_dir.to_path_buf(),
             agent_binary: agent.to_path_buf(),
             cgroup_name: format!("soulbox-test-{}-{tag}", std::process::id()),
         };
@@ -70,7 +77,7 @@ impl Env {
         Env {
             rt,
             cfg,
-            _state: state,
+            _state: None,
         }
     }
 
@@ -115,7 +122,19 @@ impl Env {
 }
 
 impl Drop for Env {
+    /// Kills whatever sandboxes of this runtime are left (a failed test leaves some), then
+    /// removes its cgroup parents.
     fn drop(&mut self) {
+        let rt = self.rt.clone();
+        let _ = std::thread::spawn(move || {
+            if let Ok(tokio) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                let _ = tokio.block_on(rt.reap_orphans(&std::collections::HashSet::new()));
+            }
+        })
+        .join();
         for p in self.cgroup_parents() {
             let _ = std::fs::remove_dir(&p);
         }
@@ -177,20 +196,28 @@ pub fn pid_exists(pid: i32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// `NS_GET_MNTNS_ID` (Linux ≥ 6.8): a mount namespace's 64-bit id, never reused (unlike the
+/// nsfs inode number, which a new namespace may get again right away).
+const NS_GET_MNTNS_ID: libc::c_ulong = 0x8008_b705;
+
+fn mnt_ns_id_of(path: &Path) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).ok()?;
+    let mut id = 0u64;
+    // SAFETY: NS_GET_MNTNS_ID writes one u64 through the pointer.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), NS_GET_MNTNS_ID, &mut id as *mut u64) };
+    (rc == 0).then_some(id)
+}
+
 /// Mount namespace of a process, to check later that nothing still lives in it.
-pub fn mnt_ns(pid: i32) -> String {
-    std::fs::read_link(format!("/proc/{pid}/ns/mnt"))
-        .expect("ns link")
-        .display()
-        .to_string()
+pub fn mnt_ns(pid: i32) -> u64 {
+    mnt_ns_id_of(Path::new(&format!("/proc/{pid}/ns/mnt"))).expect("mount namespace id")
 }
 
 /// Whether any process on the host is in mount namespace `ns` (its mounts are alive).
-pub fn mnt_ns_in_use(ns: &str) -> bool {
+pub fn mnt_ns_in_use(ns: u64) -> bool {
     std::fs::read_dir("/proc")
         .expect("/proc")
         .flatten()
-        .any(|e| {
-            std::fs::read_link(e.path().join("ns/mnt")).is_ok_and(|l| l.display().to_string() == ns)
-        })
+        .any(|e| mnt_ns_id_of(&e.path().join("ns/mnt")) == Some(ns))
 }

@@ -1,0 +1,105 @@
+//! Disk limits on a btrfs state dir: writes and file creation past `disk_mb` fail with EDQUOT
+//! inside one sandbox only; destroy removes the subvolume. Own test binary: it mounts a loop
+//! filesystem for its state dir.
+
+mod common;
+
+use std::path::Path;
+use std::time::Instant;
+
+use common::*;
+use soulbox_runtime::{Limits, prepare_state_fs};
+
+fn btrfs_available() -> bool {
+    let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    let mkfs = std::process::Command::new("mkfs.btrfs")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !(mkfs && fs.contains("btrfs")) {
+        eprintln!("SKIPPED: needs btrfs in the kernel and mkfs.btrfs (btrfs-progs)");
+        return false;
+    }
+    true
+}
+
+/// Unmounts the test's loop filesystem (the loop device goes with it: autoclear).
+struct Unmount<'a>(&'a Path);
+impl Drop for Unmount<'_> {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("--lazy")
+            .arg(self.0)
+            .status();
+    }
+}
+
+const FILL: &str = r#"python3 - <<'EOF'
+import errno, os
+written = 0
+try:
+    with open("/tmp/big", "wb") as f:
+        while written < (256 << 20):
+            f.write(b"x" * (1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+            written += 1 << 20
+    print("no-limit", written >> 20)
+except OSError as e:
+    print(errno.errorcode[e.errno], written >> 20)
+os.remove("/tmp/big")
+n = 0
+os.mkdir("/tmp/many")
+try:
+    while n < 500000:
+        open(f"/tmp/many/{n}", "w").close()
+        n += 1
+    print("no-limit", n)
+except OSError as e:
+    print(errno.errorcode[e.errno], n)
+EOF"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_limit_is_per_sandbox() {
+    if !can_run() || !btrfs_available() {
+        return;
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("sbx-disk-")
+        .tempdir()
+        .expect("tempdir");
+    let state = tmp.path().join("sandboxes");
+    let image = tmp.path().join("state.btrfs");
+    assert!(prepare_state_fs(&state, &image, 4096).expect("prepare"));
+    let _unmount = Unmount(&state);
+    assert!(!prepare_state_fs(&state, &image, 4096).expect("again"));
+    let env = Env::at("disk", &agent_py(), &state);
+
+    let limits = Limits {
+        disk_mb: 8,
+        ..Limits::default()
+    };
+    let t = Instant::now();
+    let a = env.rt.create(&env.spec(limits)).await.expect("create a");
+    eprintln!("create on btrfs with a disk limit: {:?}", t.elapsed());
+    let b = env.rt.create(&env.spec(limits)).await.expect("create b");
+
+    let out = sh(&a, FILL);
+    let lines: Vec<Vec<&str>> = out.lines().map(|l| l.split(' ').collect()).collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert_eq!(lines[0][0], "EDQUOT", "bytes: {out}");
+    let mb: u64 = lines[0][1].parse().expect("MiB");
+    assert!((2..=8).contains(&mb), "stopped after {mb} MiB");
+    assert_eq!(lines[1][0], "EDQUOT", "inodes: {out}");
+    // The other sandbox is not affected by a's full disk.
+    sh(&b, "head -c 4M /dev/zero > /tmp/four && sync");
+    assert_eq!(sh(&b, "stat -c %s /tmp/four"), (4 << 20).to_string());
+
+    let dir_a = state.join(&a.id);
+    assert!(dir_a.is_dir());
+    env.rt.destroy(&a).await.expect("destroy");
+    env.rt.destroy(&b).await.expect("destroy");
+    assert!(!dir_a.exists());
+    assert!(env.leftover_dirs().is_empty(), "{:?}", env.leftover_dirs());
+    assert!(env.leftover_cgroups().is_empty());
+}
