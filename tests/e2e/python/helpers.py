@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from e2b import NotFoundException, Sandbox
 from packaging.version import Version
 
 E2B_VERSION = Version(importlib.metadata.version("e2b"))
@@ -77,6 +78,15 @@ def envd_headers(sandbox_id: str, access_token: str | None) -> dict[str, str]:
     if access_token is not None:
         headers["X-Access-Token"] = access_token
     return headers
+
+
+def gone_from_api(sandbox_id: str) -> bool:
+    """True once the control plane answers 404 for the sandbox."""
+    try:
+        Sandbox.get_info(sandbox_id)
+    except NotFoundException:
+        return True
+    return False
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.25) -> bool:

@@ -16,6 +16,7 @@ MemAvailable figure; the cgroup figure is per sandbox and exact.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import statistics
 import time
@@ -51,17 +52,20 @@ def mem_available_kib() -> int:
 
 
 def cgroup_memory_bytes(sandbox_id: str) -> int | None:
-    """Memory charged to the sandbox's cgroup, if the runtime's cgroup can be found."""
-    candidates = [
-        Path(f"/sys/fs/cgroup/memory/soulbox/{sandbox_id}/memory.usage_in_bytes"),
-        Path(f"/sys/fs/cgroup/soulbox/{sandbox_id}/memory.current"),
-        Path(f"/sys/fs/cgroup/unified/soulbox/{sandbox_id}/memory.current"),
+    """Memory charged to the sandbox's cgroup (v1 memory controller or v2), if it can be found.
+
+    The runtime names each sandbox's group by its ID under a per-server parent group.
+    """
+    patterns = [
+        f"/sys/fs/cgroup/memory/*/{sandbox_id}/memory.usage_in_bytes",
+        f"/sys/fs/cgroup/*/{sandbox_id}/memory.current",
     ]
-    for path in candidates:
-        try:
-            return int(path.read_text())
-        except (OSError, ValueError):
-            continue
+    for pattern in patterns:
+        for path in glob.glob(pattern):
+            try:
+                return int(Path(path).read_text())
+            except (OSError, ValueError):
+                continue
     return None
 
 

@@ -152,4 +152,3 @@ def test_other_missing_paths_are_not_found(shared_sandbox, d):
 def test_read_a_directory_is_an_error(shared_sandbox, d):
     with pytest.raises(InvalidArgumentException):
         shared_sandbox.files.read(d)
-
