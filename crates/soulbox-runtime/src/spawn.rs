@@ -14,7 +14,8 @@
 //!    set RLIMIT_NOFILE.
 //! 3. Move itself into its cgroups (writes `0` to each `cgroup.procs`), then unshare a cgroup
 //!    namespace rooted there: limits apply before it runs anything.
-//! 4. Hostname = sandbox id; bring `lo` up (one ioctl: no helper process, no netlink).
+//! 4. Hostname = sandbox id; bring `lo` up (one ioctl: no helper process, no netlink); let
+//!    sandbox users bind low ports and ping (see [`NET_SYSCTLS`]).
 //! 5. Make every inherited mount private, mount `/proc` (it must be mounted from inside the new
 //!    pid namespace), attach the detached root tree, `pivot_root` into it and detach the old
 //!    root: nothing of the host's filesystem stays reachable.
@@ -126,7 +127,7 @@ mod step {
         "join cgroup",
         "unshare cgroup namespace",
         "set hostname",
-        "bring up loopback",
+        "set up the network namespace",
         "make mounts private",
         "mount /proc",
         "attach root",
@@ -262,6 +263,9 @@ fn setup_and_exec(s: &Shared<'_>) -> Result<Infallible, Failed> {
 
     rustix::system::sethostname(s.hostname).map_err(at(step::HOSTNAME))?;
     loopback_up().map_err(|e| (step::LOOPBACK, e))?;
+    for (path, value) in NET_SYSCTLS {
+        write_file(path, value).map_err(|e| (step::LOOPBACK, e))?;
+    }
 
     mount_change(
         c"/",
@@ -454,6 +458,33 @@ fn close_range_cloexec(first: RawFd) -> Result<(), i32> {
         )
     };
     if rc < 0 { Err(last_errno()) } else { Ok(()) }
+}
+
+/// Sysctls of the sandbox's own network namespace (written through the host's `/proc` before
+/// `pivot_root`; `/proc/sys/net` shows the writer's namespace). Its root owns nothing in that
+/// namespace, so without the first it could not bind ports below 1024 (E2B sandboxes serve on
+/// 80); the second lets `ping` use ICMP datagram sockets instead of raw sockets (CAP_NET_RAW).
+/// Both only concern the sandbox's own namespace; Docker sets the same.
+const NET_SYSCTLS: [(&CStr, &[u8]); 2] = [
+    (c"/proc/sys/net/ipv4/ip_unprivileged_port_start", b"0"),
+    (c"/proc/sys/net/ipv4/ping_group_range", b"0 2147483647"),
+];
+
+fn write_file(path: &CStr, value: &[u8]) -> Result<(), i32> {
+    // SAFETY: open/write/close on a descriptor we own, with a valid C string and buffer.
+    unsafe {
+        let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(last_errno());
+        }
+        let n = libc::write(fd, value.as_ptr().cast(), value.len());
+        let err = last_errno();
+        libc::close(fd);
+        if n < 0 {
+            return Err(err);
+        }
+    }
+    Ok(())
 }
 
 /// `ip link set lo up`, as one ioctl on a throwaway socket.

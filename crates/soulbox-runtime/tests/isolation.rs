@@ -163,6 +163,18 @@ a, _ = srv.accept()
 c.sendall(b"ping")
 print(a.recv(4).decode())'"#;
     assert_eq!(sh(&h, echo), "ping");
+    // Low ports and ICMP echo work without privileges on the host (own namespace only).
+    let low_port_and_ping = r#"python3 -c '
+import socket
+s = socket.socket()
+s.bind(("127.0.0.1", 80))
+i = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+i.sendto(b"\x08\x00\x00\x00\x00\x01\x00\x01", ("127.0.0.1", 0))
+print(i.recv(64)[0])'"#;
+    assert_eq!(
+        exec_as(&h, low_port_and_ping, Some(1000)).stdout.trim(),
+        "0"
+    );
 
     // /dev: the usual nodes work, ptys come from a private devpts with the tty group.
     sh(
