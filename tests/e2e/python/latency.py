@@ -8,9 +8,10 @@ server with the export lines set (or through scripts/latency, which sets up the 
 Latency: each run times Sandbox.create() followed by commands.run("true") (what a user waits for
 before their first command returns), sequentially, then kills the sandbox outside the timing.
 Memory: creates --idle sandboxes, lets them settle, and reports the drop in the host's
-MemAvailable per sandbox plus, where the cgroup v1 memory controller or cgroup v2 is in use, the
-average memory charged to each sandbox's cgroup. Other activity on the machine adds noise to the
-MemAvailable figure; the cgroup figure is per sandbox and exact.
+MemAvailable per sandbox and the average memory charged to each sandbox's cgroup (cgroup v1 memory
+controller or v2), split into process memory, page cache and kernel memory. Other activity on the
+machine adds noise to the MemAvailable figure; the cgroup figure is per sandbox and exact, but does
+not include what is shared between sandboxes (the agent binary's pages, the template's page cache).
 """
 
 from __future__ import annotations
@@ -51,21 +52,37 @@ def mem_available_kib() -> int:
     raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
-def cgroup_memory_bytes(sandbox_id: str) -> int | None:
-    """Memory charged to the sandbox's cgroup (v1 memory controller or v2), if it can be found.
+def cgroup_memory(sandbox_id: str) -> dict[str, int] | None:
+    """Memory charged to the sandbox's cgroup (v1 memory controller or v2), with a breakdown.
 
-    The runtime names each sandbox's group by its ID under a per-server parent group.
+    The runtime names each sandbox's group by its ID under a per-server parent group. Returns bytes:
+    `charged` (everything the cgroup is charged, kernel memory included), `anon` (process memory),
+    `file` (page cache) and `kernel` (slab, page tables, ...), or None when no group is found.
     """
-    patterns = [
-        f"/sys/fs/cgroup/memory/*/{sandbox_id}/memory.usage_in_bytes",
-        f"/sys/fs/cgroup/*/{sandbox_id}/memory.current",
-    ]
-    for pattern in patterns:
-        for path in glob.glob(pattern):
-            try:
-                return int(Path(path).read_text())
-            except (OSError, ValueError):
-                continue
+    for group in glob.glob(f"/sys/fs/cgroup/memory/*/{sandbox_id}"):  # v1
+        try:
+            stat = dict(line.split() for line in Path(group, "memory.stat").read_text().splitlines())
+            kmem = Path(group, "memory.kmem.usage_in_bytes")
+            return {
+                "charged": int(Path(group, "memory.usage_in_bytes").read_text()),
+                "anon": int(stat["total_rss"]),
+                "file": int(stat["total_cache"]),
+                "kernel": int(kmem.read_text()) if kmem.exists() else 0,
+            }
+        except (OSError, ValueError, KeyError):
+            continue
+    for current in glob.glob(f"/sys/fs/cgroup/*/{sandbox_id}/memory.current"):  # v2
+        group = Path(current).parent
+        try:
+            stat = dict(line.split() for line in Path(group, "memory.stat").read_text().splitlines())
+            return {
+                "charged": int(Path(current).read_text()),
+                "anon": int(stat["anon"]),
+                "file": int(stat["file"]),
+                "kernel": int(stat.get("kernel", 0)),
+            }
+        except (OSError, ValueError, KeyError):
+            continue
     return None
 
 
@@ -100,14 +117,16 @@ def measure_idle_memory(count: int, settle_s: float) -> dict[str, float | int | 
             sbx.commands.run("true")  # every sandbox has served a command: really usable
         time.sleep(settle_s)
         after = mem_available_kib()
-        charged = [cgroup_memory_bytes(s.sandbox_id) for s in sandboxes]
-        known = [c for c in charged if c is not None]
-        return {
+        groups = [g for g in (cgroup_memory(s.sandbox_id) for s in sandboxes) if g is not None]
+        result: dict[str, float | int | None] = {
             "sandboxes": count,
             "mem_available_drop_per_sandbox_kib": (before - after) / count,
-            "cgroup_charged_per_sandbox_kib": (statistics.fmean(known) / 1024) if known else None,
-            "cgroups_found": len(known),
+            "cgroups_found": len(groups),
         }
+        for key in ("charged", "anon", "file", "kernel"):
+            mean = statistics.fmean(g[key] for g in groups) / 1024 if groups else None
+            result[f"cgroup_{key}_per_sandbox_kib"] = mean
+        return result
     finally:
         for sbx in sandboxes:
             sbx.kill()
@@ -130,14 +149,16 @@ def main() -> None:
         )
     mem = results["idle_memory"]
     line = f"idle memory ({mem['sandboxes']} sandboxes): "
-    line += f"MemAvailable drop {mem['mem_available_drop_per_sandbox_kib']:.0f} KiB/sandbox"
-    if mem["cgroup_charged_per_sandbox_kib"] is not None:
-        line += (
-            f", cgroup-charged {mem['cgroup_charged_per_sandbox_kib']:.0f} KiB/sandbox ({mem['cgroups_found']} cgroups)"
+    line += f"MemAvailable drop {mem['mem_available_drop_per_sandbox_kib']:.0f} KiB/sandbox (noisy: whole host)"
+    print(line)
+    if mem["cgroups_found"]:
+        print(
+            f"  cgroup-charged {mem['cgroup_charged_per_sandbox_kib']:.0f} KiB/sandbox = "
+            f"anon {mem['cgroup_anon_per_sandbox_kib']:.0f} + page cache {mem['cgroup_file_per_sandbox_kib']:.0f} "
+            f"+ kernel {mem['cgroup_kernel_per_sandbox_kib']:.0f} ({mem['cgroups_found']} cgroups)"
         )
     else:
-        line += ", cgroup memory not found"
-    print(line)
+        print("  per-sandbox cgroup memory not found (run as root on the server's machine)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 
