@@ -62,7 +62,7 @@ def test_processes_are_private(fleet):
     _each(fleet, spawn)
 
     def look(sbx):
-        ps = sbx.commands.run("ps -eo pid=,args=", user="root").stdout
+        ps = sbx.commands.run("ps aux", user="root").stdout
         proc = sbx.commands.run(
             "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' ' | grep -o 'proc-marker-[a-z0-9]\\{20\\}' | sort -u",
             user="root",
