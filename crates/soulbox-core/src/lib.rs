@@ -241,10 +241,12 @@ impl Manager {
                 ..Limits::default()
             },
         };
+        let t0 = std::time::Instant::now();
         let handle = inner.runtime.create(&spec).await.map_err(|e| match e {
             RuntimeError::NoUidRange => CoreError::Capacity(e.to_string()),
             e => CoreError::Runtime(e),
         })?;
+        let t_runtime = t0.elapsed();
         let setup = async {
             let init = InitRequest {
                 sandbox_id: id.clone(),
@@ -254,6 +256,7 @@ impl Manager {
                 default_workdir: Some(template.default_workdir.clone()),
             };
             agent_client::init(&handle.socket_path, &init, inner.cfg.agent_timeout).await?;
+            let t_init = t0.elapsed();
             let started_at = now_millis();
             let end_at = started_at + to_chrono(req.timeout)?;
             let rec = SandboxRecord {
@@ -273,6 +276,13 @@ impl Manager {
                 state: SandboxState::Running,
             };
             inner.store.insert_sandbox(&rec).await?;
+            tracing::debug!(
+                %id,
+                runtime_ms = t_runtime.as_secs_f64() * 1e3,
+                init_ms = (t_init - t_runtime).as_secs_f64() * 1e3,
+                store_ms = (t0.elapsed() - t_init).as_secs_f64() * 1e3,
+                "created sandbox"
+            );
             if let Err(e) = self.track(&rec, handle.clone()) {
                 inner.store.delete_sandbox(&id).await?;
                 return Err(e);

@@ -26,6 +26,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, BodyStream, Either, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -53,7 +54,7 @@ pub async fn serve(
     manager: Manager,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let manager = Arc::new(manager);
+    let proxy = Arc::new(Proxy::new(manager));
     let graceful = GracefulShutdown::new();
     let builder = auto::Builder::new(TokioExecutor::new());
     tokio::pin!(shutdown);
@@ -73,10 +74,10 @@ pub async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "setting TCP_NODELAY");
         }
-        let m = manager.clone();
+        let p = proxy.clone();
         let service = service_fn(move |req| {
-            let m = m.clone();
-            async move { Ok::<_, Infallible>(handle(&m, req).await) }
+            let p = p.clone();
+            async move { Ok::<_, Infallible>(p.handle(req).await) }
         });
         let conn = builder.serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn.into_owned());
@@ -95,8 +96,72 @@ pub async fn serve(
     Ok(())
 }
 
+/// The gateway's state: the sandboxes' routes and a pool of connections to their agents.
+struct Proxy {
+    manager: Manager,
+    agents: Client<AgentConnector, BoxBody<Bytes, hyper::Error>>,
+}
+
+impl Proxy {
+    fn new(manager: Manager) -> Proxy {
+        let agents = Client::builder(TokioExecutor::new())
+            // Below the agent's 60 s idle limit, so a pooled connection is not closed under us.
+            .pool_idle_timeout(AGENT_POOL_IDLE)
+            .pool_max_idle_per_host(AGENT_POOL_MAX_IDLE)
+            .build(AgentConnector {
+                manager: manager.clone(),
+            });
+        Proxy { manager, agents }
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        handle(&self.manager, &self.agents, req).await
+    }
+}
+
+/// How long an idle agent connection stays pooled.
+const AGENT_POOL_IDLE: Duration = Duration::from_secs(30);
+/// Idle connections kept per sandbox.
+const AGENT_POOL_MAX_IDLE: usize = 4;
+
+/// Connects to a sandbox's agent socket; the URI's host is the sandbox id, so the pool keeps
+/// each sandbox's connections apart.
+#[derive(Clone)]
+struct AgentConnector {
+    manager: Manager,
+}
+
+impl tower::Service<http::Uri> for AgentConnector {
+    type Response = TokioIo<UnixStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let route = uri.host().and_then(|id| self.manager.route(id));
+        Box::pin(async move {
+            let route = route.ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such sandbox")
+            })?;
+            Ok(TokioIo::new(UnixStream::connect(&route.socket_path).await?))
+        })
+    }
+}
+
 /// Answers one request.
-pub async fn handle(manager: &Manager, req: Request<Incoming>) -> Response<Body> {
+async fn handle(
+    manager: &Manager,
+    agents: &Client<AgentConnector, BoxBody<Bytes, hyper::Error>>,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let host = req
         .headers()
         .get(header::HOST)
@@ -138,7 +203,7 @@ pub async fn handle(manager: &Manager, req: Request<Incoming>) -> Response<Body>
     if !signed && !authorized(&route, &req) {
         return envd_error(StatusCode::UNAUTHORIZED, UNAUTHORIZED_MESSAGE);
     }
-    forward(manager, &route, req).await
+    forward(manager, agents, &route, req).await
 }
 
 /// Whether the request may reach the sandbox's envd (protocol doc §4.1).
@@ -196,7 +261,12 @@ fn unix_now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
-async fn forward(manager: &Manager, route: &Route, req: Request<Incoming>) -> Response<Body> {
+async fn forward(
+    manager: &Manager,
+    agents: &Client<AgentConnector, BoxBody<Bytes, hyper::Error>>,
+    route: &Route,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove("x-access-token");
@@ -206,32 +276,19 @@ async fn forward(manager: &Manager, route: &Route, req: Request<Incoming>) -> Re
             .insert(header::HOST, HeaderValue::from_static("localhost"));
     }
     parts.version = Version::HTTP_11;
-    // The agent gets origin-form targets (`/path?query`), whatever the client sent.
-    if let Some(pq) = parts.uri.path_and_query().cloned() {
-        parts.uri = pq.into();
-    }
+    // The pool is keyed by the URI's authority: the sandbox id (ids are [a-z0-9], a valid host).
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_owned();
+    parts.uri = match format!("http://{}{path}", route.sandbox_id).parse() {
+        Ok(uri) => uri,
+        Err(_) => return envd_error(StatusCode::BAD_REQUEST, "invalid request target"),
+    };
     // A buffered body has an exact size, so hyper sends it with a Content-Length.
     let body = prebuffer(body).await.into_http_body();
-    let req = Request::from_parts(parts, body);
-
-    let stream = match UnixStream::connect(&route.socket_path).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::debug!(id = %route.sandbox_id, error = %e, "connecting to the agent");
-            return not_found(&route.sandbox_id);
-        }
-    };
-    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
-    {
-        Ok(pair) => pair,
-        Err(e) => return agent_unreachable(manager, route, &e),
-    };
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "agent connection ended with an error");
-        }
-    });
-    match sender.send_request(req).await {
+    match agents.request(Request::from_parts(parts, body)).await {
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
@@ -310,9 +367,14 @@ impl RequestBody {
 }
 
 /// 502 for a failed exchange with the agent: "was not found" when the sandbox is gone by now.
-fn agent_unreachable(manager: &Manager, route: &Route, e: &hyper::Error) -> Response<Body> {
+fn agent_unreachable(
+    manager: &Manager,
+    route: &Route,
+    e: &hyper_util::client::legacy::Error,
+) -> Response<Body> {
     tracing::debug!(id = %route.sandbox_id, error = %e, "proxying to the agent");
-    if manager.route(&route.sandbox_id).is_none() {
+    // Nothing listens on the socket any more, or the sandbox is gone by now.
+    if e.is_connect() || manager.route(&route.sandbox_id).is_none() {
         return not_found(&route.sandbox_id);
     }
     envd_error(
