@@ -9,7 +9,11 @@ mod serve;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "soulbox", version, about = "Self-hosted, E2B-compatible sandboxes")]
+#[command(
+    name = "soulbox",
+    version,
+    about = "Self-hosted, E2B-compatible sandboxes"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
