@@ -197,9 +197,12 @@ impl Manager {
                 }
             }
         }
-        let reaped = manager.inner.runtime.reap_orphans(&keep).await?;
-        if reaped > 0 {
-            tracing::info!(count = reaped, "removed leftovers of unknown sandboxes");
+        // A leftover that cannot be removed now must not keep the server from starting; the
+        // next start tries again.
+        match manager.inner.runtime.reap_orphans(&keep).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(count = n, "removed leftovers of unknown sandboxes"),
+            Err(e) => tracing::error!(error = %e, "removing leftovers of unknown sandboxes"),
         }
         Ok(manager)
     }
