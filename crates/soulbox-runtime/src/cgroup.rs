@@ -455,6 +455,55 @@ mod tests {
         assert!(m[6].controllers.is_empty());
     }
 
+    /// The v1 path (freeze, signal, thaw) that hosts without cgroup2 use, on this host's real
+    /// freezer hierarchy: a forking shell loop is killed and the group emptied.
+    #[test]
+    fn v1_freezer_kills_a_forking_group() {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+        let Some(freezer) = parse_mountinfo(&mountinfo)
+            .into_iter()
+            .find(|m| !m.v2 && m.controllers.iter().any(|c| c == "freezer"))
+        else {
+            eprintln!("SKIPPED: no v1 freezer hierarchy");
+            return;
+        };
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("SKIPPED: needs root");
+            return;
+        }
+        let name = format!("soulbox-unit-{}", std::process::id());
+        let cg = Cgroups {
+            hierarchies: vec![Hierarchy {
+                parent: freezer.mount.join(&name),
+                mount: freezer.mount,
+                v2: false,
+                roles: Roles {
+                    freezer: true,
+                    ..Roles::default()
+                },
+            }],
+            v2_kill: false,
+            name,
+        };
+        make_parents(&cg.hierarchies).expect("parent");
+        let id = "unittest000000000001";
+        let dir = cg.hierarchies[0].parent.join(id);
+        fs::create_dir(&dir).expect("group");
+        let mut child = std::process::Command::new("/bin/sh")
+            .args(["-c", "while :; do sleep 10 & sleep 0.01; done"])
+            .spawn()
+            .expect("spawn");
+        write_file(&dir.join("cgroup.procs"), &child.id().to_string()).expect("join");
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(cg.members(id).len() > 1, "the loop did not fork");
+        cg.kill(id).expect("kill");
+        assert!(cg.members(id).is_empty());
+        assert!(child.wait().is_ok());
+        cg.remove(id).expect("remove");
+        assert!(!dir.exists());
+        fs::remove_dir(&cg.hierarchies[0].parent).expect("remove parent");
+    }
+
     #[test]
     fn unescapes_octal() {
         assert_eq!(unescape("/mnt/with\\040space"), "/mnt/with space");
