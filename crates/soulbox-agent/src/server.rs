@@ -3,6 +3,7 @@
 use std::convert::Infallible;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use base64::Engine;
@@ -90,6 +91,8 @@ fn spawn_connection<S>(stream: S, agent: Arc<Agent>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    static OPEN: AtomicUsize = AtomicUsize::new(0);
+    OPEN.fetch_add(1, Ordering::Relaxed);
     tokio::spawn(async move {
         let service = service_fn(move |req| {
             let agent = agent.clone();
@@ -101,6 +104,14 @@ where
             .serve_connection(TokioIo::new(stream), service);
         if let Err(e) = conn.await {
             tracing::debug!("connection ended: {e}");
+        }
+        if OPEN.fetch_sub(1, Ordering::Relaxed) == 1 {
+            // The agent just went idle: hand the memory that transfers used back to the
+            // kernel, so an idle sandbox costs the same after a 1 GiB download as before.
+            tokio::task::spawn_blocking(|| {
+                // SAFETY: malloc_trim only releases free heap pages; it takes glibc's locks.
+                unsafe { libc::malloc_trim(0) };
+            });
         }
     });
 }
