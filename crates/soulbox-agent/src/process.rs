@@ -292,8 +292,14 @@ fn send_signal(agent: &Agent, r: pb::SendSignalRequest) -> Result<(), ConnectErr
             ));
         }
     };
-    proc.signal(sig)
-        .map_err(|e| ConnectError::new(Code::Internal, format!("sending the signal failed: {e}")))
+    proc.signal(sig).map_err(|e| match e {
+        // Exited a moment ago; its end event is on its way.
+        nix::errno::Errno::ESRCH => ConnectError::new(
+            Code::NotFound,
+            format!("process with pid {} not found", proc.pid),
+        ),
+        e => ConnectError::new(Code::Internal, format!("sending the signal failed: {e}")),
+    })
 }
 
 async fn write_input(proc: &Proc, input: Option<pb::ProcessInput>) -> Result<(), ConnectError> {
@@ -527,7 +533,7 @@ impl Source {
 
 fn io_to_connect(what: &str, e: &std::io::Error) -> ConnectError {
     let code = match e.kind() {
-        std::io::ErrorKind::NotFound => Code::InvalidArgument,
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidInput => Code::InvalidArgument,
         std::io::ErrorKind::PermissionDenied => Code::PermissionDenied,
         _ => Code::Internal,
     };

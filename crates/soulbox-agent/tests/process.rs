@@ -83,6 +83,16 @@ async fn environment_cwd_and_users() {
     assert_eq!(e.code(), Some(Code::Unauthenticated));
 
     let mut req = bash("true");
+    req.process
+        .as_mut()
+        .unwrap()
+        .envs
+        .insert("BAD".into(), "nul\0byte".into());
+    let mut s = client().start(&req, &opts()).await.unwrap();
+    let e = s.next().await.unwrap().unwrap_err();
+    assert_eq!(e.code(), Some(Code::InvalidArgument), "{e}");
+
+    let mut req = bash("true");
     req.process.as_mut().unwrap().cwd = Some("/no/such/dir".into());
     let mut s = client().start(&req, &opts()).await.unwrap();
     let e = s.next().await.unwrap().unwrap_err();

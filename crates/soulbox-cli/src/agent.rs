@@ -36,6 +36,12 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             (l, soulbox_agent::Mode::Sandbox)
         }
         (None, Some(addr)) => {
+            if !addr.ip().is_loopback() {
+                tracing::warn!(
+                    %addr,
+                    "the agent has no authentication: anyone who can reach {addr} can run commands as any user here"
+                );
+            }
             let l = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
             (
                 soulbox_agent::Listener::Tcp(l),
