@@ -100,7 +100,10 @@ where
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(60))
+            // hyper's header timer also runs while a kept-alive connection waits for its next
+            // request. Keep it above clients' idle pool timeouts (SDK 300 s, hyper 90 s) so
+            // we never close a connection a client is about to reuse.
+            .header_read_timeout(Duration::from_secs(600))
             .serve_connection(TokioIo::new(stream), service);
         if let Err(e) = conn.await {
             tracing::debug!("connection ended: {e}");
