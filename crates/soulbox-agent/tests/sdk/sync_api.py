@@ -262,6 +262,10 @@ got = sbx.files.read(f"{base}/big.bin", format="bytes")
 check(hashlib.sha256(got).digest() == hashlib.sha256(blob).digest(), "50 MiB round trip")
 chunks = b"".join(sbx.files.read(f"{base}/big.bin", format="stream"))
 check(len(chunks) == len(blob), "stream read")
+# A file-like object is streamed (octet-stream upload on SDKs that have it).
+import io
+sbx.files.write(f"{base}/filelike.bin", io.BytesIO(b"streamed" * 1000))
+check(bytes(sbx.files.read(f"{base}/filelike.bin", format="bytes")) == b"streamed" * 1000, "file-like upload")
 
 # --- watch (sync = polling watcher) ---------------------------------------------------------
 sbx.files.make_dir(f"{base}/w")
