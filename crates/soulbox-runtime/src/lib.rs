@@ -245,7 +245,7 @@ impl Runtime {
         let attach_point = CString::new(attach.as_os_str().as_bytes())
             .map_err(|_| RuntimeError::InvalidSpec("state_dir contains NUL".into()))?;
         let cgroups = cgroup::Cgroups::new(name)?;
-        let seccomp = seccomp::build()?;
+        let seccomp = seccomp::program()?;
         let disk = disk::Disk::new(&cfg.state_dir)?;
         if disk.is_none() {
             tracing::warn!(
