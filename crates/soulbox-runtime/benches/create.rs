@@ -26,6 +26,17 @@ fn percentiles(label: &str, mut v: Vec<Duration>) {
     );
 }
 
+fn mem_available_kib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 fn main() {
     let n: usize = std::env::args()
         .skip(1)
@@ -86,12 +97,30 @@ fn main() {
         percentiles("destroy (sequential)", destroy);
 
         let (mut create, mut destroy, mut live) = (Vec::new(), Vec::new(), Vec::new());
+        let available_before = mem_available_kib();
         for _ in 0..50 {
             let s = spec();
             let t = Instant::now();
             live.push(rt.create(&s).await.expect("create"));
             create.push(t.elapsed());
         }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let charged: u64 = live
+            .iter()
+            .filter_map(|h| {
+                rt.cgroup_dirs(&h.id)
+                    .iter()
+                    .map(|d| d.join("memory.usage_in_bytes"))
+                    .chain(rt.cgroup_dirs(&h.id).iter().map(|d| d.join("memory.current")))
+                    .find_map(|f| std::fs::read_to_string(f).ok()?.trim().parse::<u64>().ok())
+            })
+            .sum();
+        println!(
+            "50 idle sandboxes (sleep agent): memory cgroups charged {} KiB each; host MemAvailable \
+             dropped {} KiB each (noisy: other load on the host counts too)",
+            charged / 1024 / 50,
+            available_before.saturating_sub(mem_available_kib()) / 50
+        );
         for h in live {
             let t = Instant::now();
             rt.destroy(&h).await.expect("destroy");

@@ -433,7 +433,7 @@ impl Inner {
             .create(&work)
             .ctx(|| "mkdir work")?;
 
-        let userns = userns::create(uid_base).ctx(|| "create user namespace")?;
+        let (userns, _helper) = userns::create(uid_base).ctx(|| "create user namespace")?;
         let tree = rootfs::build(&rootfs::TreeSpec {
             layers: &spec.layers,
             state_dir: dir,

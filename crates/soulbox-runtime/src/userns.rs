@@ -138,18 +138,38 @@ extern "C" fn hold(_: *mut c_void) -> c_int {
     }
 }
 
+/// The killed helper child of [`create`]: reaped (and its stack unmapped) on drop. Keeping it
+/// until the create is done lets it die in the background instead of making the create wait
+/// for the scheduler to run it once more.
+pub(crate) struct Helper {
+    pid: i32,
+    _stack: Stack,
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        // SAFETY: waitpid on our own child, which was sent SIGKILL; reaping it before the
+        // stack is unmapped, and before its pid can be reused.
+        unsafe {
+            while libc::waitpid(self.pid, std::ptr::null_mut(), 0) < 0
+                && io::Error::last_os_error().kind() == ErrorKind::Interrupted
+            {}
+        }
+    }
+}
+
 /// A user namespace mapping 0..65536 to `uid_base..` for both uids and gids, owned by host root.
 ///
 /// A user namespace only gets its maps from a process in the parent namespace writing them for
 /// a process inside, so a helper child is cloned into a new user namespace (sharing our memory,
 /// so this costs no page-table copy), its maps are written, the namespace is kept as a file
-/// descriptor, and the helper is killed.
-pub(crate) fn create(uid_base: u32) -> io::Result<OwnedFd> {
+/// descriptor, and the helper is killed (and reaped when the returned [`Helper`] drops).
+pub(crate) fn create(uid_base: u32) -> io::Result<(OwnedFd, Helper)> {
     let stack = Stack::new(16 * 1024)?;
     let pid = {
         let _blocked = SignalsBlocked::new();
-        // SAFETY: `hold` only calls pause(); it gets no argument; `stack` outlives the child,
-        // which is killed and reaped below before `stack` is dropped.
+        // SAFETY: `hold` only calls pause(); it gets no argument; `stack` outlives the child:
+        // the Helper owning both reaps the child before unmapping the stack.
         unsafe {
             clone_vm(
                 hold,
@@ -159,6 +179,7 @@ pub(crate) fn create(uid_base: u32) -> io::Result<OwnedFd> {
             )?
         }
     };
+    let helper = Helper { pid, _stack: stack };
     let result = (|| {
         let map = format!("0 {uid_base} {RANGE}\n");
         File::options()
@@ -171,15 +192,11 @@ pub(crate) fn create(uid_base: u32) -> io::Result<OwnedFd> {
             .write_all(map.as_bytes())?;
         Ok(OwnedFd::from(File::open(format!("/proc/{pid}/ns/user"))?))
     })();
-    // SAFETY: plain syscalls on the child we just made; waitpid reaps it so the pid is not
-    // reused while we still name it.
+    // SAFETY: kill(2) on our own, not yet reaped child (its pid cannot have been reused).
     unsafe {
         libc::kill(pid, libc::SIGKILL);
-        while libc::waitpid(pid, std::ptr::null_mut(), 0) < 0
-            && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
-        {}
     }
-    result
+    result.map(|ns| (ns, helper))
 }
 
 #[cfg(test)]
