@@ -97,6 +97,19 @@ pub struct SandboxSpec {
     pub limits: Limits,
 }
 
+/// A network made for a sandbox beforehand (a network "slot", see the `soulbox-net` crate),
+/// for [`Runtime::create_with_network`].
+#[derive(Debug, Clone)]
+pub struct NetworkAttach {
+    /// The network namespace the sandbox joins instead of getting a fresh loopback-only one.
+    /// Made by host root (so owned by the host user namespace: sandbox root cannot reconfigure
+    /// it), with its interfaces, addresses and routes already in place.
+    pub netns: Arc<OwnedFd>,
+    /// Written to `/etc/resolv.conf` in the sandbox's (fresh, empty) writable layer before the
+    /// overlay is mounted: a regular file owned by sandbox root, shadowing the template's.
+    pub resolv_conf: String,
+}
+
 /// Everything needed to find a running sandbox again; persisted by core so that a restarted
 /// server can re-adopt it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,6 +198,23 @@ fn check_spec(spec: &SandboxSpec) -> Result<(), RuntimeError> {
         )));
     }
     Ok(())
+}
+
+/// `/etc/resolv.conf` in a fresh upper directory (made by the host a moment ago, empty, not
+/// mounted yet, so no path here is under the sandbox's control): `etc/` as a plain directory
+/// (merged with the template's `/etc` by overlayfs) and the file, both owned by sandbox root.
+fn write_resolv_conf(upper: &Path, text: &str, uid: Uid, gid: Gid) -> Result<(), RuntimeError> {
+    let etc = upper.join("etc");
+    DirBuilder::new()
+        .mode(0o755)
+        .create(&etc)
+        .ctx(|| "mkdir upper/etc")?;
+    chown(&etc, Some(uid), Some(gid)).ctx(|| "chown upper/etc")?;
+    let file = etc.join("resolv.conf");
+    fs::write(&file, text).ctx(|| "write upper/etc/resolv.conf")?;
+    fs::set_permissions(&file, fs::Permissions::from_mode(0o644))
+        .ctx(|| "chmod upper/etc/resolv.conf")?;
+    chown(&file, Some(uid), Some(gid)).ctx(|| "chown upper/etc/resolv.conf")
 }
 
 /// Moves `fd` to a number ≥ 4 if it is below, so that setting up descriptors 0–3 in the child
@@ -284,10 +314,21 @@ impl Runtime {
     /// may not be accepting yet: connecting to `socket_path` queues until it does).
     /// A failure leaves nothing behind.
     pub async fn create(&self, spec: &SandboxSpec) -> Result<SandboxHandle, RuntimeError> {
+        self.create_with_network(spec, None).await
+    }
+
+    /// [`Runtime::create`], with the sandbox joining a pre-made network namespace (`Some`)
+    /// instead of a fresh loopback-only one (`None`). The runtime does not own the namespace:
+    /// it lives as long as the sandbox's processes or the caller's descriptor.
+    pub async fn create_with_network(
+        &self,
+        spec: &SandboxSpec,
+        net: Option<NetworkAttach>,
+    ) -> Result<SandboxHandle, RuntimeError> {
         check_spec(spec)?;
         let inner = self.inner.clone();
         let spec = spec.clone();
-        tokio::task::spawn_blocking(move || inner.create(&spec))
+        tokio::task::spawn_blocking(move || inner.create(&spec, net.as_ref()))
             .await
             .map_err(join_error)?
     }
@@ -388,7 +429,11 @@ impl Inner {
         self.cfg.state_dir.join(id)
     }
 
-    fn create(&self, spec: &SandboxSpec) -> Result<SandboxHandle, RuntimeError> {
+    fn create(
+        &self,
+        spec: &SandboxSpec,
+        net: Option<&NetworkAttach>,
+    ) -> Result<SandboxHandle, RuntimeError> {
         let dir = self.dir(&spec.id);
         let made = match &self.disk {
             Some(disk) => disk.create(&spec.id, spec.limits.disk_mb),
@@ -401,14 +446,19 @@ impl Inner {
             }
             Err(e) => return Err(e).ctx(|| format!("mkdir {}", dir.display())),
         }
-        self.start(spec, &dir).inspect_err(|_| {
+        self.start(spec, &dir, net).inspect_err(|_| {
             if let Err(e) = self.teardown(&spec.id, None) {
                 tracing::error!(sandbox = %spec.id, error = %e, "cleaning up a failed create");
             }
         })
     }
 
-    fn start(&self, spec: &SandboxSpec, dir: &Path) -> Result<SandboxHandle, RuntimeError> {
+    fn start(
+        &self,
+        spec: &SandboxSpec,
+        dir: &Path,
+        net: Option<&NetworkAttach>,
+    ) -> Result<SandboxHandle, RuntimeError> {
         let uid_base = userns::reserve(dir)
             .ctx(|| "reserve a uid range")?
             .ok_or(RuntimeError::NoUidRange)?;
@@ -432,6 +482,9 @@ impl Inner {
             .mode(0o700)
             .create(&work)
             .ctx(|| "mkdir work")?;
+        if let Some(net) = net {
+            write_resolv_conf(&upper, &net.resolv_conf, root_uid, range_gid)?;
+        }
 
         let (userns, _helper) = userns::create(uid_base).ctx(|| "create user namespace")?;
         let tree = rootfs::build(&rootfs::TreeSpec {
@@ -468,6 +521,7 @@ impl Inner {
                 .collect::<Result<_, _>>()?,
             nofile: spec.limits.open_files,
             seccomp: &self.seccomp,
+            netns: net.map(|n| n.netns.as_fd()),
         };
         let pid = spawn::spawn(&plan)?;
         drop(plan);

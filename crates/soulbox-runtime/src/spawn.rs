@@ -14,7 +14,7 @@
 //!    set RLIMIT_NOFILE.
 //! 3. Move itself into its cgroups (writes `0` to each `cgroup.procs`), then unshare a cgroup
 //!    namespace rooted there: limits apply before it runs anything.
-//! 4. Hostname = sandbox id; bring `lo` up (one ioctl: no helper process, no netlink); let
+//! 4. Hostname = sandbox id; join the pre-made network namespace if one was given; bring `lo` up (one ioctl: no helper process, no netlink); let
 //!    sandbox users bind low ports and ping (see [`NET_SYSCTLS`]).
 //! 5. Make every inherited mount private, mount `/proc` (it must be mounted from inside the new
 //!    pid namespace), attach the detached root tree, `pivot_root` into it and detach the old
@@ -82,6 +82,8 @@ pub(crate) struct Plan<'a> {
     pub(crate) nofile: u64,
     /// The seccomp filter (BPF).
     pub(crate) seccomp: &'a [libc::sock_filter],
+    /// A pre-made network namespace to join instead of creating one.
+    pub(crate) netns: Option<BorrowedFd<'a>>,
 }
 
 /// What the child reads: raw descriptors and pointers only, shared with the parent (CLONE_VM).
@@ -98,6 +100,8 @@ struct Shared<'a> {
     envp: &'a [*const c_char],
     nofile: u64,
     seccomp: libc::sock_fprog,
+    /// -1: none (a fresh namespace was made by clone).
+    netns: RawFd,
     /// Set by the child when a step fails: the step's index + 1, and the errno.
     failed_step: AtomicUsize,
     errno: AtomicI32,
@@ -174,6 +178,7 @@ pub(crate) fn spawn(plan: &Plan<'_>) -> Result<i32, RuntimeError> {
             len: plan.seccomp.len() as u16,
             filter: plan.seccomp.as_ptr().cast_mut(),
         },
+        netns: plan.netns.map_or(-1, |fd| fd.as_raw_fd()),
         failed_step: AtomicUsize::new(0),
         errno: AtomicI32::new(0),
     };
@@ -181,13 +186,18 @@ pub(crate) fn spawn(plan: &Plan<'_>) -> Result<i32, RuntimeError> {
         context: "map child stack".into(),
         source,
     })?;
+    let new_net = if plan.netns.is_some() {
+        0
+    } else {
+        libc::CLONE_NEWNET
+    };
     let flags = libc::CLONE_VM
         | libc::CLONE_VFORK
         | libc::CLONE_NEWPID
         | libc::CLONE_NEWNS
         | libc::CLONE_NEWUTS
         | libc::CLONE_NEWIPC
-        | libc::CLONE_NEWNET
+        | new_net
         | libc::SIGCHLD;
     let pid = {
         let _blocked = SignalsBlocked::new();
@@ -262,6 +272,11 @@ fn setup_and_exec(s: &Shared<'_>) -> Result<Infallible, Failed> {
     unsafe { unshare_unsafe(UnshareFlags::NEWCGROUP) }.map_err(at(step::CGROUP_NS))?;
 
     rustix::system::sethostname(s.hostname).map_err(at(step::HOSTNAME))?;
+    if s.netns >= 0 {
+        // As host root, before joining the user namespace: the namespace stays the host's.
+        move_into_link_name_space(fd(s.netns), Some(LinkNameSpaceType::Network))
+            .map_err(at(step::LOOPBACK))?;
+    }
     loopback_up().map_err(|e| (step::LOOPBACK, e))?;
     for (path, value) in NET_SYSCTLS {
         write_file(path, value).map_err(|e| (step::LOOPBACK, e))?;
