@@ -8,6 +8,9 @@
 //! What sandboxed code can do with this: a template rootfs is only ever a read-only overlay lower
 //! layer, so writes inside a sandbox land in its own upper directory, never here.
 
+pub mod copy;
+pub mod dockerfile;
+pub mod layers;
 pub mod progress;
 
 use std::collections::VecDeque;
