@@ -36,7 +36,10 @@ impl ApiError {
 impl From<CoreError> for ApiError {
     fn from(e: CoreError) -> ApiError {
         let status = match &e {
-            CoreError::NotFound(_) | CoreError::TemplateNotFound(_) => StatusCode::NOT_FOUND,
+            CoreError::NotFound(_)
+            | CoreError::TemplateNotFound(_)
+            | CoreError::TemplateNotBuilt(_) => StatusCode::NOT_FOUND,
+            CoreError::Conflict(_) => StatusCode::CONFLICT,
             CoreError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
             CoreError::Capacity(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,

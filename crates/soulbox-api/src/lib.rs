@@ -6,6 +6,7 @@
 
 mod error;
 pub mod query;
+pub mod templates;
 
 use std::future::Future;
 use std::time::Duration;
@@ -47,12 +48,14 @@ pub fn router(manager: Manager) -> Router {
         .route("/sandboxes/{id}/timeout", post(set_timeout))
         .route("/sandboxes/{id}/connect", post(connect_v1))
         .route("/v2/sandboxes/{id}/connect", post(connect_v2))
+        .merge(templates::authenticated())
         .route_layer(middleware::from_fn_with_state(
             manager.clone(),
             authenticate,
         ));
     Router::new()
         .route("/health", get(health))
+        .merge(templates::public())
         .merge(authenticated)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -5,6 +5,7 @@ mod interpreter;
 mod sandbox;
 mod sandbox_exec;
 mod serve;
+mod template;
 
 use clap::{Parser, Subcommand};
 
@@ -29,6 +30,8 @@ enum Command {
     Sandbox(sandbox::SandboxArgs),
     /// Run the code interpreter service (inside a code-interpreter sandbox).
     Interpreter(interpreter::InterpreterArgs),
+    /// Build and manage templates on a running server.
+    Template(template::TemplateArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -38,5 +41,6 @@ fn main() -> anyhow::Result<()> {
         Command::Agent(args) => agent::run(args),
         Command::Sandbox(args) => sandbox::run(args),
         Command::Interpreter(args) => interpreter::run(args),
+        Command::Template(args) => template::run(args),
     }
 }

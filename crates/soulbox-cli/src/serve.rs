@@ -117,6 +117,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let manager = Manager::start(
         ManagerConfig {
             domain: args.domain.clone(),
+            data_dir: Some(data.to_owned()),
             ..ManagerConfig::default()
         },
         store.clone(),

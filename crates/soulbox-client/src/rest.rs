@@ -149,6 +149,56 @@ impl RestClient {
         .map(drop)
     }
 
+    /// A JSON call to any control-plane route (those without a typed method here, such as
+    /// the template routes); `path` must be percent-encoded already.
+    pub async fn call_json<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, RestError> {
+        self.json(method, path, body).await
+    }
+
+    /// A call whose answer body is not needed.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(), RestError> {
+        self.send(method, path, body).await.map(drop)
+    }
+
+    /// `PUT`s `body` to an absolute URL (a template file upload link), without the API key.
+    pub async fn put_url(&self, url: &str, body: Vec<u8>) -> Result<(), RestError> {
+        let req = Request::builder()
+            .method(Method::PUT)
+            .uri(url)
+            .body(Full::new(Bytes::from(body)))?;
+        let response = self
+            .http
+            .request(req)
+            .await
+            .map_err(|source| RestError::Transport {
+                url: url.to_owned(),
+                source,
+            })?;
+        let status = response.status();
+        if !status.is_success() {
+            let bytes = Limited::new(response.into_body(), MAX_RESPONSE)
+                .collect()
+                .await
+                .map_err(|e| RestError::Body(e.to_string()))?
+                .to_bytes();
+            return Err(RestError::Api {
+                status,
+                message: String::from_utf8_lossy(&bytes).into_owned(),
+            });
+        }
+        Ok(())
+    }
+
     async fn json<B: Serialize, T: DeserializeOwned>(
         &self,
         method: Method,

@@ -12,6 +12,8 @@
 
 mod agent_client;
 mod ids;
+mod template_exec;
+mod templates;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -27,6 +29,10 @@ use tokio::sync::watch;
 
 pub use agent_client::AgentError;
 pub use ids::{new_access_token, new_sandbox_id};
+pub use templates::{
+    BuildConfig, BuildLogLine, BuildSource, BuildSpec, BuildView, DEFAULT_TAG, READY_TIMEOUT,
+    SdkStep, TemplateView, split_name_tag, valid_template_name,
+};
 
 /// The envd version reported to the SDKs; it gates SDK features (protocol doc §4.8).
 pub const ENVD_VERSION: &str = "0.6.4";
@@ -41,6 +47,12 @@ pub enum CoreError {
     NotFound(String),
     #[error("template '{0}' not found")]
     TemplateNotFound(String),
+    /// A shipped template that has not been built on this server yet.
+    #[error("template '{0}' is not built yet; build it with `soulbox template build {0}`")]
+    TemplateNotBuilt(String),
+    /// The request clashes with existing state (409).
+    #[error("{0}")]
+    Conflict(String),
     #[error("{0}")]
     InvalidArgument(String),
     /// The host cannot take another sandbox right now (503: clients may retry).
@@ -63,6 +75,10 @@ pub struct ManagerConfig {
     pub domain: Option<String>,
     /// How long a new sandbox's agent may take to answer its init request.
     pub agent_timeout: Duration,
+    /// The data directory: template layers (`layers/`) and uploaded build files
+    /// (`template-files/`) live there. `None`: no templates can be built or used from the
+    /// layer store (only templates registered by path).
+    pub data_dir: Option<PathBuf>,
 }
 
 impl Default for ManagerConfig {
@@ -70,6 +86,7 @@ impl Default for ManagerConfig {
         ManagerConfig {
             domain: None,
             agent_timeout: Duration::from_secs(10),
+            data_dir: None,
         }
     }
 }
@@ -129,6 +146,9 @@ pub struct Route {
     pub sandbox_id: String,
     pub socket_path: PathBuf,
     pub access_token: Option<String>,
+    /// Required on requests to the sandbox's ports other than envd's when set
+    /// (`network.allowPublicTraffic=false`).
+    pub traffic_token: Option<String>,
 }
 
 /// A live sandbox: its route, its handle, and the sender that moves its watcher's deadline
@@ -144,6 +164,7 @@ struct Inner {
     store: Store,
     runtime: Runtime,
     live: RwLock<HashMap<String, Live>>,
+    templates: Option<templates::State>,
 }
 
 /// The sandbox lifecycle. Cheap to clone; clones share state.
@@ -161,12 +182,18 @@ impl Manager {
         store: Store,
         runtime: Runtime,
     ) -> Result<Manager, CoreError> {
+        let templates = cfg
+            .data_dir
+            .as_deref()
+            .map(templates::State::open)
+            .transpose()?;
         let manager = Manager {
             inner: Arc::new(Inner {
                 cfg,
                 store,
                 runtime,
                 live: RwLock::new(HashMap::new()),
+                templates,
             }),
         };
         let mut keep = HashSet::new();
@@ -204,6 +231,7 @@ impl Manager {
             Ok(n) => tracing::info!(count = n, "removed leftovers of unknown sandboxes"),
             Err(e) => tracing::error!(error = %e, "removing leftovers of unknown sandboxes"),
         }
+        manager.recover_templates().await?;
         Ok(manager)
     }
 
@@ -228,19 +256,15 @@ impl Manager {
         let inner = &self.inner;
         validate_timeout_duration(req.timeout)?;
         validate_env_vars(&req.env_vars)?;
-        let template = inner
-            .store
-            .get_template(&req.template)
-            .await?
-            .ok_or_else(|| CoreError::TemplateNotFound(req.template.clone()))?;
+        let template = self.resolve_template(&req.template).await?;
         let id = self.unused_id().await?;
         let spec = SandboxSpec {
             id: id.clone(),
             layers: template.layers.clone(),
             limits: Limits {
-                cpu_count: template.cpu_count,
-                memory_mb: template.memory_mb,
-                disk_mb: template.disk_mb,
+                cpu_count: template.config.cpu_count,
+                memory_mb: template.config.memory_mb,
+                disk_mb: template.config.disk_mb,
                 ..Limits::default()
             },
         };
@@ -251,34 +275,41 @@ impl Manager {
         })?;
         let t_runtime = t0.elapsed();
         let setup = async {
+            // The template's ENV, overridden by the request's.
+            let mut env_vars = template.config.env.clone();
+            env_vars.extend(req.env_vars.clone());
             let init = InitRequest {
                 sandbox_id: id.clone(),
                 template_id: template.name.clone(),
-                env_vars: req.env_vars.clone().into_iter().collect(),
-                default_user: Some(template.default_user.clone()),
-                default_workdir: Some(template.default_workdir.clone()),
+                env_vars: env_vars.into_iter().collect(),
+                default_user: Some(template.config.user.clone()),
+                default_workdir: Some(template.config.workdir.clone()),
             };
             agent_client::init(&handle.socket_path, &init, inner.cfg.agent_timeout).await?;
+            self.start_template_processes(&handle, &template).await?;
             let t_init = t0.elapsed();
             let started_at = now_millis();
             let end_at = started_at + to_chrono(req.timeout)?;
             let rec = SandboxRecord {
                 id: id.clone(),
                 template_id: template.name.clone(),
-                alias: Some(template.name.clone()),
+                alias: template.alias.clone(),
                 metadata: req.metadata.clone(),
                 env_vars: req.env_vars.clone(),
                 access_token: req.secure.then(new_access_token),
                 started_at,
                 end_at,
-                cpu_count: template.cpu_count,
-                memory_mb: template.memory_mb,
-                disk_mb: template.disk_mb,
+                cpu_count: template.config.cpu_count,
+                memory_mb: template.config.memory_mb,
+                disk_mb: template.config.disk_mb,
                 handle: serde_json::to_string(&handle)
                     .map_err(|e| CoreError::Internal(format!("encoding handle: {e}")))?,
                 state: SandboxState::Running,
             };
             inner.store.insert_sandbox(&rec).await?;
+            if let Some(build) = &template.build_id {
+                inner.store.set_sandbox_build(&id, build).await?;
+            }
             tracing::debug!(
                 %id,
                 runtime_ms = t_runtime.as_secs_f64() * 1e3,
@@ -434,6 +465,7 @@ impl Manager {
             sandbox_id: rec.id.clone(),
             socket_path: handle.socket_path.clone(),
             access_token: rec.access_token.clone(),
+            traffic_token: None,
         });
         let (end_tx, end_rx) = watch::channel(rec.end_at);
         {

@@ -8,6 +8,7 @@
 //! signatures with them) and API keys only as sha256 hashes.
 
 mod keys;
+mod templates;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::OpenOptionsExt;
@@ -21,6 +22,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
 pub use keys::{generate_api_key, hash_api_key, is_api_key_format};
+pub use templates::{BuildRecord, BuildStatus, TagRecord, TemplateDef};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

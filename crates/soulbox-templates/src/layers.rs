@@ -40,6 +40,7 @@ use sha2::{Digest, Sha256};
 /// Sandbox uid/gid range size (one user namespace).
 const ID_RANGE: u32 = 65536;
 const OVERLAY_XATTR_PREFIX: &str = "trusted.overlay.";
+const OPAQUE: &str = "trusted.overlay.opaque";
 const CAPS_XATTR: &str = "security.capability";
 /// `VFS_CAP_REVISION_*` (in the top byte of `magic_etc`).
 const VFS_CAP_REVISION_MASK: u32 = 0xFF00_0000;
@@ -141,9 +142,16 @@ impl LayerStore {
     }
 
     /// Turns the tree at `dir` into a layer (see the module docs), consuming `dir`. `uid_base`
-    /// is the host id the tree's sandbox root had (0 for trees made on the host). Returns
-    /// `None` when the tree is empty (a step that changed nothing adds no layer).
-    pub fn ingest(&self, dir: &Path, uid_base: u32) -> Result<Option<Layer>, LayerError> {
+    /// is the host id the tree's sandbox root had (0 for trees made on the host); `exclude`
+    /// lists relative paths that are dropped (with their parents, when that leaves them
+    /// empty): files the sandbox's own setup wrote, such as `etc/hosts`. Returns `None` when
+    /// the tree is empty (a step that changed nothing adds no layer).
+    pub fn ingest(
+        &self,
+        dir: &Path,
+        uid_base: u32,
+        exclude: &[&str],
+    ) -> Result<Option<Layer>, LayerError> {
         let work = if dir.parent() == Some(self.root.as_path()) {
             dir.to_owned()
         } else {
@@ -152,9 +160,21 @@ impl LayerStore {
             work
         };
         let result = (|| {
-            let runtime_dir = work.join(RUNTIME_DIR);
-            if fs::symlink_metadata(&runtime_dir).is_ok() {
-                remove_tree(&runtime_dir)?;
+            for rel in std::iter::once(RUNTIME_DIR).chain(exclude.iter().copied()) {
+                let path = work.join(rel);
+                if fs::symlink_metadata(&path).is_err() {
+                    continue;
+                }
+                remove_tree(&path)?;
+                // Parents left empty were only copied up for it (removing fails otherwise).
+                let mut parent = path.parent();
+                while let Some(p) = parent.filter(|p| *p != work) {
+                    if xattr::get(p, OPAQUE).ok().flatten().is_some() || fs::remove_dir(p).is_err()
+                    {
+                        break;
+                    }
+                    parent = p.parent();
+                }
             }
             let (digest, disk_bytes, entries) = normalise_and_hash(&work, uid_base)?;
             if entries == 0 {
@@ -463,7 +483,7 @@ mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
 
-    const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+    const OPAQUE_XATTR: &str = OPAQUE;
 
     #[test]
     fn ingest_dedups_and_shifts_ids() {
@@ -483,14 +503,21 @@ mod tests {
         };
         let base = 300_000;
         let a = store
-            .ingest(&make("a", base), base)
+            .ingest(&make("a", base), base, &[])
             .expect("ingest")
             .expect("layer");
+        let b_tree = make("b", 0);
+        fs::create_dir_all(b_tree.join("run/e2b")).expect("mkdir");
+        fs::write(b_tree.join("run/e2b/.E2B_SANDBOX_ID"), "x").expect("write");
         let b = store
-            .ingest(&make("b", 0), 0)
+            .ingest(&b_tree, 0, &["run/e2b/.E2B_SANDBOX_ID"])
             .expect("ingest")
             .expect("layer");
         assert_eq!(a.digest, b.digest, "same content, same layer");
+        assert!(
+            !store.path(&b.digest).join("run").exists(),
+            "emptied parents dropped"
+        );
         let hello = store.path(&a.digest).join("etc/hello");
         let meta = fs::symlink_metadata(&hello).expect("stat");
         assert_eq!((meta.uid(), meta.gid()), (1000, 0));
@@ -500,7 +527,7 @@ mod tests {
 
         let empty = dir.path().join("empty");
         fs::create_dir_all(empty.join(".soulbox")).expect("mkdir");
-        assert_eq!(store.ingest(&empty, 0).expect("ingest"), None);
+        assert_eq!(store.ingest(&empty, 0, &[]).expect("ingest"), None);
 
         let (removed, _) = store.gc(&HashSet::new()).expect("gc");
         assert_eq!(removed, 1);
@@ -517,7 +544,7 @@ mod tests {
         // trusted.* needs root, which these tests have (like the runtime's).
         xattr::set(tree.join("opaque"), OPAQUE_XATTR, b"y").expect("set opaque");
         xattr::set(tree.join("f"), "trusted.overlay.origin", b"junk").expect("set origin");
-        let layer = store.ingest(&tree, 0).expect("ingest").expect("layer");
+        let layer = store.ingest(&tree, 0, &[]).expect("ingest").expect("layer");
         let p = store.path(&layer.digest);
         assert_eq!(
             xattr::get(p.join("opaque"), OPAQUE_XATTR).expect("get"),
@@ -532,7 +559,7 @@ mod tests {
         fs::create_dir_all(bad.join("d")).expect("mkdir");
         xattr::set(bad.join("d"), "trusted.overlay.redirect", b"/x").expect("set");
         assert!(matches!(
-            store.ingest(&bad, 0),
+            store.ingest(&bad, 0, &[]),
             Err(LayerError::Unsupported { .. })
         ));
         assert_eq!(

@@ -12,6 +12,7 @@ pub mod copy;
 pub mod dockerfile;
 pub mod layers;
 pub mod progress;
+pub mod shipped;
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -120,7 +121,18 @@ impl Templates {
             source,
         })?;
 
-        let result = run_mmdebstrap(&mmdebstrap, &target, bar).await;
+        let extra = [
+            format!("--include={}", BASE_PACKAGES.join(",")),
+            format!(
+                "--customize-hook=chroot \"$1\" useradd --create-home --uid 1000 --user-group \
+                 --shell /bin/bash {DEFAULT_USER}"
+            ),
+            format!(
+                "--customize-hook=printf '%s ALL=(ALL:ALL) NOPASSWD: ALL\\n' {DEFAULT_USER} \
+                 > \"$1/etc/sudoers.d/{DEFAULT_USER}\" && chmod 0440 \"$1/etc/sudoers.d/{DEFAULT_USER}\""
+            ),
+        ];
+        let result = run_mmdebstrap(&mmdebstrap, &extra, BASE_SUITE, &target, bar).await;
         if let Err(e) = result {
             // Best effort: the next build cleans up whatever this leaves.
             if let Err(clean) = remove_build_dir(&build_dir) {
@@ -157,8 +169,21 @@ impl Templates {
     }
 }
 
+/// Bootstraps Debian `suite` (`minbase` variant: apt, dpkg, coreutils, bash) into `target`, a
+/// directory that must not exist yet, for `FROM debian:<suite>`. Progress goes to `bar`.
+pub async fn bootstrap_debian(
+    suite: &str,
+    target: &Path,
+    bar: &ProgressBar,
+) -> Result<(), TemplateError> {
+    let mmdebstrap = find_in_path("mmdebstrap").ok_or(TemplateError::MmdebstrapMissing)?;
+    run_mmdebstrap(&mmdebstrap, &[], suite, target, bar).await
+}
+
 async fn run_mmdebstrap(
     mmdebstrap: &Path,
+    extra: &[String],
+    suite: &str,
     target: &Path,
     bar: &ProgressBar,
 ) -> Result<(), TemplateError> {
@@ -170,16 +195,8 @@ async fn run_mmdebstrap(
         .arg("--mode=root")
         .arg("--format=directory")
         .arg("--variant=minbase")
-        .arg(format!("--include={}", BASE_PACKAGES.join(",")))
-        .arg(format!(
-            "--customize-hook=chroot \"$1\" useradd --create-home --uid 1000 --user-group \
-             --shell /bin/bash {DEFAULT_USER}"
-        ))
-        .arg(format!(
-            "--customize-hook=printf '%s ALL=(ALL:ALL) NOPASSWD: ALL\\n' {DEFAULT_USER} \
-             > \"$1/etc/sudoers.d/{DEFAULT_USER}\" && chmod 0440 \"$1/etc/sudoers.d/{DEFAULT_USER}\""
-        ))
-        .arg(BASE_SUITE)
+        .args(extra)
+        .arg(suite)
         .arg(target)
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -257,3 +257,191 @@ mod tests {
         assert_eq!(v["envdAccessToken"], "tok");
     }
 }
+
+// ---- Templates (protocol doc §3.7): the bodies of E2B's `Template.build()` flow and the
+// template management routes. Build ids are UUIDs (the SDK parses them as such).
+
+/// `POST /v3/templates`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateBuildRequestV3 {
+    /// `name` or `name:tag`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Deprecated spelling of `name`.
+    #[serde(default)]
+    pub alias: Option<String>,
+    #[serde(default)]
+    pub tags: Option<Vec<String>>,
+    #[serde(default)]
+    pub cpu_count: Option<u32>,
+    #[serde(default, rename = "memoryMB")]
+    pub memory_mb: Option<u64>,
+}
+
+/// Answer of `POST /v3/templates` (202).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateRequestResponseV3 {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    #[serde(rename = "buildID")]
+    pub build_id: String,
+    pub public: bool,
+    pub names: Vec<String>,
+    pub tags: Vec<String>,
+    pub aliases: Vec<String>,
+}
+
+/// Answer of `GET /templates/{id}/files/{hash}` (201): upload the tar.gz with a `PUT` to
+/// `url` unless `present`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TemplateBuildFileUpload {
+    pub present: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+}
+
+/// One step of `POST /v2/templates/{id}/builds/{build}`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateStep {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub files_hash: Option<String>,
+    #[serde(default)]
+    pub force: Option<bool>,
+}
+
+/// `POST /v2/templates/{id}/builds/{build}` (E2B's `TemplateBuildStartV2`), plus SoulBox's
+/// `dockerfile` + `dockerfileFiles` (COPY line → files hash) so `soulbox template build` can
+/// send a Dockerfile whose variables the server expands with the parent template's env.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateBuildStartV2 {
+    #[serde(default)]
+    pub from_image: Option<String>,
+    #[serde(default)]
+    pub from_template: Option<String>,
+    /// Registry credentials: SoulBox pulls from no registry, so any value is refused.
+    #[serde(default)]
+    pub from_image_registry: Option<serde_json::Value>,
+    #[serde(default)]
+    pub force: Option<bool>,
+    #[serde(default)]
+    pub steps: Vec<TemplateStep>,
+    #[serde(default)]
+    pub start_cmd: Option<String>,
+    #[serde(default)]
+    pub ready_cmd: Option<String>,
+    #[serde(default)]
+    pub dockerfile: Option<String>,
+    #[serde(default)]
+    pub dockerfile_files: BTreeMap<usize, String>,
+}
+
+/// One build log line.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BuildLogEntry {
+    pub timestamp: DateTime<Utc>,
+    /// `debug`, `info`, `warn` or `error`.
+    pub level: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BuildStatusReason {
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    #[serde(default)]
+    pub log_entries: Vec<BuildLogEntry>,
+}
+
+/// `GET /templates/{id}/builds/{build}/status` (`TemplateBuildInfo`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateBuildInfo {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    #[serde(rename = "buildID")]
+    pub build_id: String,
+    /// `building`, `waiting`, `ready` or `error`.
+    pub status: String,
+    pub log_entries: Vec<BuildLogEntry>,
+    /// Always empty (E2B's removed v1 log format).
+    pub logs: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<BuildStatusReason>,
+}
+
+/// `GET /templates/aliases/{alias}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TemplateAliasResponse {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    pub public: bool,
+}
+
+/// `POST /templates/tags`: `target` is `name:tag` (the build to tag).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AssignTemplateTagsRequest {
+    pub target: String,
+    pub tags: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AssignedTemplateTags {
+    pub tags: Vec<String>,
+    #[serde(rename = "buildID")]
+    pub build_id: String,
+}
+
+/// `DELETE /templates/tags`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeleteTemplateTagsRequest {
+    pub name: String,
+    pub tags: Vec<String>,
+}
+
+/// One entry of `GET /templates/{id}/tags`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateTag {
+    pub tag: String,
+    #[serde(rename = "buildID")]
+    pub build_id: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// One entry of `GET /templates` (E2B's `Template`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateListing {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    #[serde(rename = "buildID")]
+    pub build_id: String,
+    pub cpu_count: u32,
+    #[serde(rename = "memoryMB")]
+    pub memory_mb: u64,
+    #[serde(rename = "diskSizeMB")]
+    pub disk_size_mb: u64,
+    pub public: bool,
+    pub aliases: Vec<String>,
+    pub names: Vec<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub created_by: Option<serde_json::Value>,
+    pub last_spawned_at: Option<DateTime<Utc>>,
+    pub spawn_count: u64,
+    pub build_count: u64,
+    pub envd_version: String,
+    pub build_status: String,
+}
