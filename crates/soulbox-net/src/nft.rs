@@ -1,0 +1,280 @@
+//! The host side of the egress policy: one nftables table per server, written as nft scripts
+//! and applied with `nft -f -` (each script is one atomic transaction).
+//!
+//! Why scripts for `nft`: the text grammar is nftables' documented, stable interface and reads
+//! like the docs; the JSON form (`nftables` crate) goes through the same `nft` process and is
+//! harder to review. `nft` runs only when a slot is made or released, a policy changes, or the
+//! resolver learns addresses for a sandbox with domain rules; no packet passes through
+//! userspace except DNS and the HTTP/HTTPS connections sent to the SNI/Host proxy.
+//!
+//! Layout (`T` = table, `N` = slot index, `PFX` = the server's interface prefix):
+//! * `forward`: packets from `PFX*` jump to their slot's chain `s_N` through the verdict map
+//!   `fwd_slots` (an unknown `PFX*` interface is dropped); packets to `PFX*` pass only as
+//!   replies (established/related).
+//! * `s_N`: source must be the slot's address; established flows pass; new ones are limited
+//!   (count and rate), marked with the slot's conntrack mark, then checked in order: `hard`
+//!   (drop), `p_N` (allowed private networks), `private` (drop), `l_N` (addresses learnt by
+//!   DNS, with timeouts), `a_N` (allowOut), `d_N` (denyOut: drop), accept.
+//! * `input`: from `PFX*` only DNS to the resolver port and TCP to the resolver and proxy
+//!   ports; those ports are closed to every other interface.
+//! * `prerouting` (nat): DNS to any address is redirected to the resolver; for slots in the
+//!   `inspect` set, TCP 80/443 to a denied, not allowed, not learnt address goes to the proxy.
+//! * `postrouting` (nat): the pool is masqueraded behind the host's address.
+
+use std::fmt::Write as _;
+use std::io::{self, Write};
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+
+use ipnet::Ipv4Net;
+
+use crate::policy::{HARD_BLOCKED, PRIVATE, Policy, nets};
+
+/// Most new connections a sandbox may have tracked at once (conntrack exhaustion).
+pub(crate) const MAX_CONNS: u32 = 4096;
+/// New connections per second a sandbox may open (burst 2×).
+pub(crate) const NEW_CONNS_PER_SEC: u32 = 500;
+
+/// Names the nft objects of one server.
+#[derive(Debug, Clone)]
+pub(crate) struct Nft {
+    pub(crate) table: String,
+    pub(crate) prefix: String,
+}
+
+/// Runs one nft script as a single transaction.
+pub(crate) fn run(script: &str) -> io::Result<()> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| io::Error::new(e.kind(), format!("running nft: {e}")))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(script.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(io::Error::other(format!(
+        "nft failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    )))
+}
+
+fn elements(list: &[Ipv4Net]) -> String {
+    list.iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Everything the base table needs to know.
+pub(crate) struct Base<'a> {
+    pub(crate) pool: Ipv4Net,
+    /// The host's directly connected networks (added to `private`).
+    pub(crate) lan: &'a [Ipv4Net],
+    pub(crate) dns_port: u16,
+    pub(crate) proxy_port: u16,
+    /// Drop forwarded traffic that neither comes from nor goes to a sandbox (set when this
+    /// server turned forwarding on: the host was not a router before).
+    pub(crate) forward_guard: bool,
+}
+
+/// The address of one slot as nft needs it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SlotRef {
+    pub(crate) index: u32,
+    pub(crate) address: Ipv4Addr,
+    pub(crate) mark: u32,
+}
+
+impl Nft {
+    fn ifname(&self, index: u32) -> String {
+        format!("{}{index}", self.prefix)
+    }
+
+    /// Replaces the whole table (atomically) by the base chains and the given slots.
+    pub(crate) fn base_script(&self, b: &Base<'_>, slots: &[(SlotRef, Policy)]) -> String {
+        let t = &self.table;
+        let p = &self.prefix;
+        let mut hard = nets(&HARD_BLOCKED);
+        hard.push(b.pool);
+        let mut private = nets(&PRIVATE);
+        private.extend(b.lan.iter().filter(|n| !b.pool.contains(*n)));
+        let (dns, proxy) = (b.dns_port, b.proxy_port);
+        let guard = if b.forward_guard {
+            "        ct state established,related accept\n        drop\n"
+        } else {
+            ""
+        };
+        let mut s = format!(
+            r#"table inet {t} {{}}
+delete table inet {t}
+table inet {t} {{
+    set hard {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {hard} }} }}
+    set private {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {private} }} }}
+    set inspect {{ type ipv4_addr; }}
+    map fwd_slots {{ type ifname : verdict; }}
+    map nat_slots {{ type ifname : verdict; }}
+    chain forward {{
+        type filter hook forward priority filter; policy accept;
+        iifname "{p}*" meta nfproto ipv6 drop
+        iifname "{p}*" iifname vmap @fwd_slots
+        iifname "{p}*" drop
+        oifname "{p}*" ct state established,related accept
+        oifname "{p}*" drop
+{guard}    }}
+    chain input {{
+        type filter hook input priority filter; policy accept;
+        iifname "{p}*" jump from_sandbox
+        meta l4proto {{ tcp, udp }} th dport {{ {dns}, {proxy} }} drop
+    }}
+    chain from_sandbox {{
+        meta nfproto ipv6 drop
+        ct state established,related accept
+        udp dport {dns} accept
+        tcp dport {{ {dns}, {proxy} }} accept
+        drop
+    }}
+    chain prerouting {{
+        type nat hook prerouting priority dstnat; policy accept;
+        iifname "{p}*" iifname vmap @nat_slots
+    }}
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        ip saddr {pool} oifname != "{p}*" masquerade
+    }}
+}}
+"#,
+            hard = elements(&hard),
+            private = elements(&private),
+            pool = b.pool,
+        );
+        for (slot, policy) in slots {
+            s.push_str(&self.slot_script(slot, dns, proxy));
+            s.push_str(&self.policy_script(slot, policy));
+        }
+        s
+    }
+
+    /// Adds one slot's sets and chains and hooks them up.
+    pub(crate) fn slot_script(&self, slot: &SlotRef, dns: u16, proxy: u16) -> String {
+        let t = &self.table;
+        let n = slot.index;
+        let a = slot.address;
+        let m = slot.mark;
+        let ifname = self.ifname(n);
+        format!(
+            r#"add set inet {t} a_{n} {{ type ipv4_addr; flags interval; auto-merge; }}
+add set inet {t} p_{n} {{ type ipv4_addr; flags interval; auto-merge; }}
+add set inet {t} d_{n} {{ type ipv4_addr; flags interval; auto-merge; }}
+add set inet {t} l_{n} {{ type ipv4_addr; flags timeout; }}
+add chain inet {t} s_{n}
+add rule inet {t} s_{n} ip saddr != {a} drop
+add rule inet {t} s_{n} ct state established,related accept
+add rule inet {t} s_{n} ct state new ct count over {MAX_CONNS} drop
+add rule inet {t} s_{n} ct state new limit rate over {NEW_CONNS_PER_SEC}/second burst {burst} packets drop
+add rule inet {t} s_{n} ct mark set {m}
+add rule inet {t} s_{n} ip daddr @hard drop
+add rule inet {t} s_{n} ip daddr @p_{n} accept
+add rule inet {t} s_{n} ip daddr @private drop
+add rule inet {t} s_{n} ip daddr @l_{n} accept
+add rule inet {t} s_{n} ip daddr @a_{n} accept
+add rule inet {t} s_{n} ip daddr @d_{n} drop
+add rule inet {t} s_{n} accept
+add chain inet {t} n_{n}
+add rule inet {t} n_{n} udp dport 53 redirect to :{dns}
+add rule inet {t} n_{n} tcp dport 53 redirect to :{dns}
+add rule inet {t} n_{n} ip saddr @inspect tcp dport {{ 80, 443 }} ip daddr @d_{n} ip daddr != @a_{n} ip daddr != @p_{n} ip daddr != @l_{n} redirect to :{proxy}
+add element inet {t} fwd_slots {{ "{ifname}" : jump s_{n} }}
+add element inet {t} nat_slots {{ "{ifname}" : jump n_{n} }}
+"#,
+            burst = NEW_CONNS_PER_SEC * 2,
+        )
+    }
+
+    /// Replaces one slot's policy sets (and its membership of `inspect`).
+    pub(crate) fn policy_script(&self, slot: &SlotRef, policy: &Policy) -> String {
+        let t = &self.table;
+        let n = slot.index;
+        let a = slot.address;
+        let mut s = String::new();
+        for (set, list) in [
+            ("a", &policy.allow),
+            ("p", &policy.allow_private),
+            ("d", &policy.deny),
+        ] {
+            let _ = writeln!(s, "flush set inet {t} {set}_{n}");
+            if !list.is_empty() {
+                let _ = writeln!(s, "add element inet {t} {set}_{n} {{ {} }}", elements(list));
+            }
+        }
+        let _ = writeln!(s, "flush set inet {t} l_{n}");
+        // Adding first makes the delete valid whether or not the element was there.
+        let _ = writeln!(s, "add element inet {t} inspect {{ {a} }}");
+        if !policy.inspects() {
+            let _ = writeln!(s, "delete element inet {t} inspect {{ {a} }}");
+        }
+        s
+    }
+
+    /// Removes one slot's chains and sets (idempotent: a missing piece is created first).
+    pub(crate) fn remove_script(&self, slot: &SlotRef) -> String {
+        let t = &self.table;
+        let n = slot.index;
+        let a = slot.address;
+        let ifname = self.ifname(n);
+        let mut s = String::new();
+        for (map, chain) in [("fwd_slots", "s"), ("nat_slots", "n")] {
+            let _ = writeln!(s, "add chain inet {t} {chain}_{n}");
+            let _ = writeln!(
+                s,
+                "add element inet {t} {map} {{ \"{ifname}\" : jump {chain}_{n} }}"
+            );
+            let _ = writeln!(s, "delete element inet {t} {map} {{ \"{ifname}\" }}");
+        }
+        let _ = writeln!(s, "add element inet {t} inspect {{ {a} }}");
+        let _ = writeln!(s, "delete element inet {t} inspect {{ {a} }}");
+        for chain in ["s", "n"] {
+            let _ = writeln!(s, "flush chain inet {t} {chain}_{n}");
+            let _ = writeln!(s, "delete chain inet {t} {chain}_{n}");
+        }
+        for (set, kind) in [
+            ("a", "flags interval;"),
+            ("p", "flags interval;"),
+            ("d", "flags interval;"),
+            ("l", "flags timeout;"),
+        ] {
+            let _ = writeln!(s, "add set inet {t} {set}_{n} {{ type ipv4_addr; {kind} }}");
+            let _ = writeln!(s, "delete set inet {t} {set}_{n}");
+        }
+        s
+    }
+
+    /// Adds learnt addresses to a slot's `l_N` set with their timeouts (refreshing the
+    /// timeout of addresses already there).
+    pub(crate) fn learn_script(&self, index: u32, learnt: &[(Ipv4Addr, u32)]) -> String {
+        let t = &self.table;
+        let mut s = String::new();
+        let plain = learnt
+            .iter()
+            .map(|(ip, _)| ip.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let timed = learnt
+            .iter()
+            .map(|(ip, secs)| format!("{ip} timeout {secs}s"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        // add (no-op if present), delete, add: one transaction that leaves every address
+        // there with its new timeout.
+        let _ = writeln!(s, "add element inet {t} l_{index} {{ {plain} }}");
+        let _ = writeln!(s, "delete element inet {t} l_{index} {{ {plain} }}");
+        let _ = writeln!(s, "add element inet {t} l_{index} {{ {timed} }}");
+        s
+    }
+}
