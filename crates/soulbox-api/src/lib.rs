@@ -5,6 +5,7 @@
 //! every error, axum's own rejections included, answers `{"code": status, "message": …}`.
 
 mod error;
+mod network;
 pub mod query;
 pub mod templates;
 
@@ -17,7 +18,7 @@ use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::serve::ListenerExt;
 use serde::de::DeserializeOwned;
 use soulbox_core::{
@@ -46,6 +47,7 @@ pub fn router(manager: Manager) -> Router {
         .route("/v2/sandboxes", post(create_v2).get(list_v2))
         .route("/sandboxes/{id}", get(get_sandbox).delete(kill))
         .route("/sandboxes/{id}/timeout", post(set_timeout))
+        .route("/sandboxes/{id}/network", put(network::update))
         .route("/sandboxes/{id}/connect", post(connect_v1))
         .route("/v2/sandboxes/{id}/connect", post(connect_v2))
         .merge(templates::authenticated())
@@ -157,6 +159,7 @@ async fn create(
     secure: bool,
 ) -> Result<(StatusCode, axum::Json<Sandbox>), ApiError> {
     let timeout = validate_timeout(req.timeout.unwrap_or(default_timeout))?;
+    let network = network::create_config(req.allow_internet_access, req.network.as_ref())?;
     let info = m
         .create(CreateRequest {
             template: req.template_id,
@@ -164,6 +167,7 @@ async fn create(
             secure,
             metadata: req.metadata.unwrap_or_default(),
             env_vars: req.env_vars.unwrap_or_default(),
+            network,
         })
         .await?;
     Ok((StatusCode::CREATED, axum::Json(sandbox_body(&m, info))))
@@ -212,6 +216,7 @@ async fn get_sandbox(
     Path(id): Path<String>,
 ) -> Result<axum::Json<SandboxDetail>, ApiError> {
     let info = m.get(&id).await?;
+    let (allow_internet_access, network) = network::detail(info.network);
     Ok(axum::Json(SandboxDetail {
         template_id: info.template_id,
         sandbox_id: info.id,
@@ -227,6 +232,8 @@ async fn get_sandbox(
         metadata: info.metadata,
         envd_access_token: info.access_token,
         domain: m.domain().map(str::to_owned),
+        allow_internet_access,
+        network,
     }))
 }
 

@@ -1,5 +1,7 @@
 //! `soulbox serve`: wires store, runtime, templates, API and gateway together.
 
+mod net;
+
 use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -22,6 +24,8 @@ const ADMIN_KEY_ENV: &str = "SOULBOX_ADMIN_KEY";
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
+    #[command(flatten)]
+    pub net: net::NetArgs,
     /// Where state lives: database, templates, per-sandbox directories.
     #[arg(long, default_value = DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
@@ -114,10 +118,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
     })
     .context("starting the sandbox runtime")?;
+    let net_name = match &args.cgroup_name {
+        Some(name) => name.clone(),
+        None => cgroup_name(data)?,
+    };
+    let network = net::start(&args.net, data, &net_name).await?;
     let manager = Manager::start(
         ManagerConfig {
             domain: args.domain.clone(),
             data_dir: Some(data.to_owned()),
+            network,
             ..ManagerConfig::default()
         },
         store.clone(),

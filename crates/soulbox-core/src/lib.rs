@@ -12,6 +12,7 @@
 
 mod agent_client;
 mod ids;
+mod network;
 mod template_exec;
 mod templates;
 
@@ -29,6 +30,7 @@ use tokio::sync::watch;
 
 pub use agent_client::AgentError;
 pub use ids::{new_access_token, new_sandbox_id};
+pub use soulbox_net::EgressConfig;
 pub use templates::{
     BuildConfig, BuildLogLine, BuildSource, BuildSpec, BuildView, DEFAULT_TAG, READY_TIMEOUT,
     SdkStep, TemplateView, split_name_tag, valid_template_name,
@@ -79,6 +81,8 @@ pub struct ManagerConfig {
     /// (`template-files/`) live there. `None`: no templates can be built or used from the
     /// layer store (only templates registered by path).
     pub data_dir: Option<PathBuf>,
+    /// Sandbox networking (slots, egress policy); `None`: loopback-only sandboxes.
+    pub network: Option<soulbox_net::Network>,
 }
 
 impl Default for ManagerConfig {
@@ -87,6 +91,7 @@ impl Default for ManagerConfig {
             domain: None,
             agent_timeout: Duration::from_secs(10),
             data_dir: None,
+            network: None,
         }
     }
 }
@@ -100,6 +105,8 @@ pub struct CreateRequest {
     pub secure: bool,
     pub metadata: BTreeMap<String, String>,
     pub env_vars: BTreeMap<String, String>,
+    /// Egress policy (`allow_internet_access`, `network.allowOut`/`denyOut`).
+    pub network: EgressConfig,
 }
 
 /// A sandbox as clients see it.
@@ -116,6 +123,9 @@ pub struct SandboxInfo {
     pub memory_mb: u64,
     pub disk_mb: u64,
     pub state: SandboxState,
+    /// Its egress configuration (`None` when the server has no networking; not filled in
+    /// by `list`).
+    pub network: Option<EgressConfig>,
 }
 
 /// A page of [`Manager::list`].
@@ -215,6 +225,7 @@ impl Manager {
                 tracing::info!(id = %rec.id, "sandbox died while the server was down; reaping");
                 match manager.inner.runtime.destroy(&handle).await {
                     Ok(()) => {
+                        manager.release_network(&rec.id).await;
                         manager.inner.store.delete_sandbox(&rec.id).await?;
                     }
                     Err(e) => {
@@ -230,6 +241,15 @@ impl Manager {
             Ok(0) => {}
             Ok(n) => tracing::info!(count = n, "removed leftovers of unknown sandboxes"),
             Err(e) => tracing::error!(error = %e, "removing leftovers of unknown sandboxes"),
+        }
+        if let Some(net) = manager.network() {
+            let released = net.retain(&keep).await;
+            if released > 0 {
+                tracing::info!(
+                    count = released,
+                    "released network slots of sandboxes that are gone"
+                );
+            }
         }
         manager.recover_templates().await?;
         Ok(manager)
@@ -269,10 +289,7 @@ impl Manager {
             },
         };
         let t0 = std::time::Instant::now();
-        let handle = inner.runtime.create(&spec).await.map_err(|e| match e {
-            RuntimeError::NoUidRange => CoreError::Capacity(e.to_string()),
-            e => CoreError::Runtime(e),
-        })?;
+        let handle = self.create_in_network(&spec, &req.network).await?;
         let t_runtime = t0.elapsed();
         let setup = async {
             // The template's ENV, overridden by the request's.
@@ -321,7 +338,9 @@ impl Manager {
                 inner.store.delete_sandbox(&id).await?;
                 return Err(e);
             }
-            Ok(info_from(rec))
+            let mut info = info_from(rec);
+            info.network = self.network_config(&id);
+            Ok(info)
         }
         .await;
         if setup.is_err() {
@@ -329,6 +348,7 @@ impl Manager {
             if let Err(e) = inner.runtime.destroy(&handle).await {
                 tracing::error!(%id, error = %e, "destroying a sandbox whose create failed");
             }
+            self.release_network(&id).await;
         }
         setup
     }
@@ -345,12 +365,15 @@ impl Manager {
     }
 
     pub async fn get(&self, id: &str) -> Result<SandboxInfo, CoreError> {
-        self.inner
+        let mut info = self
+            .inner
             .store
             .get_sandbox(id)
             .await?
             .map(info_from)
-            .ok_or_else(|| CoreError::NotFound(id.to_owned()))
+            .ok_or_else(|| CoreError::NotFound(id.to_owned()))?;
+        info.network = self.network_config(id);
+        Ok(info)
     }
 
     pub async fn list(&self, req: ListRequest) -> Result<ListPage, CoreError> {
@@ -409,6 +432,7 @@ impl Manager {
             }
         };
         self.inner.runtime.destroy(&handle).await?;
+        self.release_network(id).await;
         self.inner.store.delete_sandbox(id).await?;
         Ok(())
     }
@@ -537,6 +561,7 @@ impl Manager {
             tracing::error!(%id, error = %e, "destroying sandbox failed; keeping its row for a retry");
             return;
         }
+        self.release_network(&id).await;
         if let Err(e) = self.inner.store.delete_sandbox(&id).await {
             tracing::error!(%id, error = %e, "deleting sandbox row");
         }
@@ -611,6 +636,7 @@ fn info_from(r: SandboxRecord) -> SandboxInfo {
         memory_mb: r.memory_mb,
         disk_mb: r.disk_mb,
         state: r.state,
+        network: None,
     }
 }
 

@@ -30,9 +30,49 @@ pub struct NewSandbox {
     )]
     pub allow_internet_access: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<SandboxNetworkConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<BTreeMap<String, String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env_vars: Option<BTreeMap<String, String>>,
+}
+
+/// `network` of a create body and of `SandboxDetail` (`SandboxNetworkConfig`). Only the egress
+/// lists are acted on; `dnsServers`, `allowPublicTraffic`, `maskRequestHost` and `httpsPorts`
+/// are accepted and ignored (the sandbox's DNS always goes to SoulBox's resolver), and
+/// `egressProxy`/`rules` are kept so that the server can refuse them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxNetworkConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_out: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deny_out: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_proxy: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<serde_json::Value>,
+}
+
+/// `PUT /sandboxes/{id}/network` (`SandboxNetworkUpdateConfig`): replaces the whole egress
+/// configuration; an omitted field is cleared (`allow_internet_access` back to true).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxNetworkUpdate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_out: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deny_out: Option<Vec<String>>,
+    #[serde(
+        default,
+        rename = "allow_internet_access",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub allow_internet_access: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_proxy: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<serde_json::Value>,
 }
 
 /// Response of create and connect (`Sandbox` in E2B's OpenAPI spec).
@@ -113,6 +153,10 @@ pub struct SandboxDetail {
     pub envd_access_token: Option<String>,
     #[serde(default)]
     pub domain: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_internet_access: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<SandboxNetworkConfig>,
 }
 
 /// One entry of `GET /sandboxes` and `GET /v2/sandboxes` (`ListedSandbox`).
@@ -248,6 +292,12 @@ mod tests {
             metadata: BTreeMap::new(),
             envd_access_token: Some("tok".into()),
             domain: None,
+            allow_internet_access: Some(false),
+            network: Some(SandboxNetworkConfig {
+                allow_out: Some(vec!["1.1.1.1".into()]),
+                deny_out: Some(vec!["0.0.0.0/0".into()]),
+                ..SandboxNetworkConfig::default()
+            }),
         };
         let v = serde_json::to_value(&d).expect("serialise");
         assert_eq!(v["memoryMB"], 512);
@@ -255,6 +305,32 @@ mod tests {
         assert_eq!(v["state"], "running");
         assert_eq!(v["startedAt"], "2023-11-14T22:13:20.123Z");
         assert_eq!(v["envdAccessToken"], "tok");
+        assert_eq!(v["allowInternetAccess"], false);
+        assert_eq!(v["network"]["allowOut"][0], "1.1.1.1");
+        assert_eq!(v["network"]["denyOut"][0], "0.0.0.0/0");
+        assert!(v["network"].get("egressProxy").is_none());
+    }
+
+    #[test]
+    fn network_bodies_parse_as_the_sdk_sends_them() {
+        let body = r#"{"templateID":"base","allow_internet_access":false,
+            "network":{"allowOut":["1.1.1.1","example.com"],"denyOut":["0.0.0.0/0"],"dnsServers":[],"allowPublicTraffic":true}}"#;
+        let parsed: NewSandbox = serde_json::from_str(body).expect("valid body");
+        let net = parsed.network.expect("network");
+        assert_eq!(
+            net.allow_out,
+            Some(vec!["1.1.1.1".into(), "example.com".into()])
+        );
+        assert_eq!(net.deny_out, Some(vec!["0.0.0.0/0".into()]));
+        assert!(net.egress_proxy.is_none());
+        let update: SandboxNetworkUpdate =
+            serde_json::from_str(r#"{"allowOut":["8.8.8.8"],"allow_internet_access":false}"#)
+                .expect("valid update");
+        assert_eq!(update.allow_out, Some(vec!["8.8.8.8".into()]));
+        assert_eq!(update.allow_internet_access, Some(false));
+        assert!(update.deny_out.is_none());
+        let empty: SandboxNetworkUpdate = serde_json::from_str("{}").expect("empty update");
+        assert_eq!(empty, SandboxNetworkUpdate::default());
     }
 }
 
