@@ -492,7 +492,11 @@ impl Manager {
                 .into_iter()
                 .find(|t| t.tag == tag)
                 .map(|t| t.build_id)
-                .ok_or_else(|| CoreError::TemplateNotFound(format!("{}:{tag}", def.name)))?;
+                .ok_or_else(|| match soulbox_templates::shipped::shipped(&def.name) {
+                    // Requested but never built (or its build failed).
+                    Some(s) => CoreError::TemplateNotBuilt(s.name.to_owned()),
+                    None => CoreError::TemplateNotFound(format!("{}:{tag}", def.name)),
+                })?;
             let build = store
                 .get_build(&build_id)
                 .await?
