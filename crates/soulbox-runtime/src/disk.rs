@@ -16,6 +16,7 @@ use std::ffi::c_ulong;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -218,7 +219,13 @@ pub fn prepare_state_fs(
         )));
     }
     if !image.exists() {
-        let file = File::create_new(image).ctx(|| format!("create {}", image.display()))?;
+        // 0600: the image holds every sandbox's files.
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(image)
+            .ctx(|| format!("create {}", image.display()))?;
         file.set_len(size_mb.saturating_mul(1 << 20))
             .ctx(|| format!("size {}", image.display()))?;
         drop(file);

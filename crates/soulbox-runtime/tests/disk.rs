@@ -71,6 +71,11 @@ async fn disk_limit_is_per_sandbox() {
     let state = tmp.path().join("sandboxes");
     let image = tmp.path().join("state.btrfs");
     assert!(prepare_state_fs(&state, &image, 4096).expect("prepare"));
+    // The image holds every sandbox's files: host root only.
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&image).expect("image").permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
     let _unmount = Unmount(&state);
     assert!(!prepare_state_fs(&state, &image, 4096).expect("again"));
     let env = Env::at("disk", &agent_py(), &state);
