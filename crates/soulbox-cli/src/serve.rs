@@ -18,6 +18,14 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 const DEFAULT_DATA_DIR: &str = "/var/lib/soulbox";
+/// The runtime's state dir inside the data dir: one directory per sandbox.
+const STATE_DIR: &str = "sandboxes";
+/// The btrfs image mounted on [`STATE_DIR`] (see [`prepare_disk_limits`]).
+const DISK_IMAGE: &str = "sandboxes.img";
+/// Below this, mkfs.btrfs refuses or the image holds too little to be useful.
+const MIN_DISK_IMAGE_MB: u64 = 1024;
+/// The runtime's empty attach point in the state dir (`soulbox_runtime`'s `.attach`).
+const ATTACH_DIR: &str = ".attach";
 
 /// Environment variable that fixes the admin API key instead of generating one.
 const ADMIN_KEY_ENV: &str = "SOULBOX_ADMIN_KEY";
@@ -43,6 +51,12 @@ pub struct ServeArgs {
     /// dirs never reap each other's sandboxes.
     #[arg(long, hide = true)]
     pub cgroup_name: Option<String>,
+    /// Size in MiB of the sparse btrfs image (`$DATA/sandboxes.img`) that holds every
+    /// sandbox's writable layer and enforces its disk limit (`diskSizeMB`); 0 runs without
+    /// disk limits. Used when the image is made (first start); the default is the free space
+    /// of the data dir's filesystem minus a tenth of its size.
+    #[arg(long, value_name = "MIB")]
+    pub disk_image_mb: Option<u64>,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -109,8 +123,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .context("registering the base template")?;
 
+    let state_dir = data.join(STATE_DIR);
+    prepare_disk_limits(&state_dir, &data.join(DISK_IMAGE), args.disk_image_mb)?;
     let runtime = Runtime::new(RuntimeConfig {
-        state_dir: data.join("sandboxes"),
+        state_dir,
         agent_binary: install_agent_binary(data)?,
         cgroup_name: match &args.cgroup_name {
             Some(name) => name.clone(),
@@ -208,6 +224,102 @@ fn admin_key(data: &Path) -> anyhow::Result<String> {
     file.sync_all()?;
     tracing::info!(path = %path.display(), "generated the admin API key");
     Ok(key)
+}
+
+/// Mounts the sandboxes' btrfs disk image on `state_dir` (made on first use) so that every
+/// sandbox's `diskSizeMB` is enforced: writes past it fail inside with EDQUOT and uploads get
+/// 507. The mount outlives the server on purpose (running sandboxes keep their writable
+/// layers across a restart); a later start finds it in place.
+///
+/// A state dir that a server without disk limits filled is not mounted over (that would hide
+/// its sandboxes' files): such a start runs without limits, says so, and the first start that
+/// finds the dir empty again (its sandboxes killed or reaped) turns them on.
+fn prepare_disk_limits(state_dir: &Path, image: &Path, size_mb: Option<u64>) -> anyhow::Result<()> {
+    if size_mb == Some(0) {
+        tracing::warn!("--disk-image-mb 0: sandbox disk limits are off");
+        return Ok(());
+    }
+    let on_btrfs = nix::sys::statfs::statfs(state_dir)
+        .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::BTRFS_SUPER_MAGIC);
+    if !on_btrfs && state_dir.is_dir() {
+        let mut left = Vec::new();
+        for entry in std::fs::read_dir(state_dir)
+            .with_context(|| format!("listing {}", state_dir.display()))?
+        {
+            let name = entry?.file_name();
+            // The runtime's attach point, empty unless a sandbox lives here (then it has a
+            // directory too): remade by the runtime, so it need not stop the migration.
+            if name != ATTACH_DIR {
+                left.push(name.to_string_lossy().into_owned());
+            }
+        }
+        if !left.is_empty() {
+            tracing::warn!(
+                state_dir = %state_dir.display(),
+                entries = left.len(),
+                first = %left[0],
+                "sandbox disk limits are off for this run: the state dir holds sandboxes of a \
+                 server that ran without them; they turn on at the first start that finds it \
+                 empty (kill those sandboxes, or let them expire, then restart)"
+            );
+            return Ok(());
+        }
+        let attach = state_dir.join(ATTACH_DIR);
+        if let Err(e) = std::fs::remove_dir(&attach)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            return Err(e).with_context(|| format!("removing {}", attach.display()));
+        }
+    }
+    let size_mb = match size_mb {
+        Some(mb) if mb < MIN_DISK_IMAGE_MB => bail!(
+            "--disk-image-mb {mb} is too small: use at least {MIN_DISK_IMAGE_MB}, \
+             or 0 to run without disk limits"
+        ),
+        Some(mb) => mb,
+        // An image from an earlier start keeps its size (the size only matters to make one).
+        None if image.exists() => 0,
+        None => default_disk_image_mb(state_dir.parent().unwrap_or(state_dir))?,
+    };
+    let mounted =
+        soulbox_runtime::prepare_state_fs(state_dir, image, size_mb).with_context(|| {
+            format!(
+                "putting {} on the btrfs image {} for sandbox disk limits \
+             (--disk-image-mb 0 runs without them)",
+                state_dir.display(),
+                image.display()
+            )
+        })?;
+    if mounted {
+        tracing::info!(
+            image = %image.display(),
+            state_dir = %state_dir.display(),
+            "mounted the sandboxes' disk image: disk limits are enforced"
+        );
+    }
+    Ok(())
+}
+
+/// The image's default size: the free space of `dir`'s filesystem minus a tenth of its size
+/// (the image is sparse, so it takes what sandboxes write, but were it larger than the host's
+/// free space, a full host disk would turn into I/O errors inside sandboxes).
+fn default_disk_image_mb(dir: &Path) -> anyhow::Result<u64> {
+    let fs =
+        nix::sys::statvfs::statvfs(dir).with_context(|| format!("statvfs {}", dir.display()))?;
+    let block = fs.fragment_size();
+    let free = fs.blocks_available().saturating_mul(block);
+    let reserve = fs.blocks().saturating_mul(block) / 10;
+    let mb = free.saturating_sub(reserve) >> 20;
+    if mb < MIN_DISK_IMAGE_MB {
+        bail!(
+            "only {} MiB free on the filesystem of {} (keeping a tenth of it free): not enough \
+             for the sandboxes' disk image; free some space, pass --disk-image-mb, or 0 to run \
+             without disk limits",
+            free >> 20,
+            dir.display()
+        );
+    }
+    Ok(mb)
 }
 
 /// Copies the running binary to `$DATA/bin/soulbox`, the agent every new sandbox runs.
