@@ -189,7 +189,48 @@ fn write_run_files(init: &InitRequest) -> std::io::Result<()> {
     std::fs::write(dir.join(".E2B_SANDBOX"), "true")?;
     std::fs::write(dir.join(".E2B_SANDBOX_ID"), &init.sandbox_id)?;
     std::fs::write(dir.join(".E2B_TEMPLATE_ID"), &init.template_id)?;
-    Ok(())
+    name_host(std::path::Path::new("/etc"), &init.sandbox_id)
+}
+
+/// What `/etc/hosts` holds when the template has none (Debian's loopback lines).
+const DEFAULT_HOSTS: &str = "127.0.0.1\tlocalhost\n\
+    ::1\tlocalhost ip6-localhost ip6-loopback\n\
+    ff02::1\tip6-allnodes\n\
+    ff02::2\tip6-allrouters\n";
+
+/// Writes the sandbox's hostname (its id, set by the runtime) to `etc/hostname` and maps it
+/// to 127.0.0.1 in `etc/hosts`, keeping the template's other lines, so that `sudo` and
+/// anything else resolving its own hostname finds it without DNS (sudo otherwise warns
+/// "unable to resolve host" on every call), and the template's `/etc/hostname` (the name of
+/// the machine that built it) does not show. Nothing for an id that is not a plain hostname
+/// (it comes from the host, but must not be able to add lines).
+fn name_host(etc: &std::path::Path, id: &str) -> std::io::Result<()> {
+    if id.is_empty()
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    {
+        return Ok(());
+    }
+    std::fs::write(etc.join("hostname"), format!("{id}\n"))?;
+    let hosts = etc.join("hosts");
+    let mut text = match std::fs::read_to_string(&hosts) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => DEFAULT_HOSTS.to_owned(),
+        Err(e) => return Err(e),
+    };
+    let named = text.lines().any(|line| {
+        let line = line.split('#').next().unwrap_or_default();
+        line.split_whitespace().skip(1).any(|name| name == id)
+    });
+    if named {
+        return Ok(());
+    }
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str(&format!("127.0.0.1\t{id}\n"));
+    std::fs::write(hosts, text)
 }
 
 /// Why a request's user cannot be served.
@@ -255,5 +296,42 @@ impl Agent {
         let decoded = String::from_utf8(decoded).map_err(|_| bad())?;
         let name = decoded.split_once(':').map_or(decoded.as_str(), |(u, _)| u);
         Ok(self.user(Some(name))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_is_named_once_and_the_template_lines_stay() {
+        let etc = tempfile::tempdir().expect("tempdir");
+        let hosts = etc.path().join("hosts");
+        std::fs::write(etc.path().join("hostname"), "build-machine\n").expect("write");
+        name_host(etc.path(), "abc123").expect("name");
+        let made = std::fs::read_to_string(&hosts).expect("read");
+        assert!(made.starts_with(DEFAULT_HOSTS), "{made}");
+        assert!(made.ends_with("127.0.0.1\tabc123\n"), "{made}");
+        let hostname = std::fs::read_to_string(etc.path().join("hostname")).expect("read");
+        assert_eq!(hostname, "abc123\n");
+        name_host(etc.path(), "abc123").expect("again");
+        assert_eq!(std::fs::read_to_string(&hosts).expect("read"), made);
+
+        std::fs::write(&hosts, "10.0.0.1 db # abc123 in a comment").expect("write");
+        name_host(etc.path(), "abc123").expect("name");
+        assert_eq!(
+            std::fs::read_to_string(&hosts).expect("read"),
+            "10.0.0.1 db # abc123 in a comment\n127.0.0.1\tabc123\n"
+        );
+    }
+
+    #[test]
+    fn odd_names_are_not_written() {
+        let etc = tempfile::tempdir().expect("tempdir");
+        for id in ["", "a\n1.2.3.4 evil", "a b"] {
+            name_host(etc.path(), id).expect("no error");
+            assert!(!etc.path().join("hosts").exists(), "{id:?}");
+            assert!(!etc.path().join("hostname").exists(), "{id:?}");
+        }
     }
 }
