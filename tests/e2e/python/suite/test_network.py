@@ -372,3 +372,44 @@ def test_slots_are_reclaimed(world, make_sandbox, e2e) -> None:
         time.sleep(0.2)
     assert not (live_records() & ids), "network records of killed sandboxes"
     assert live_records() <= before | set()
+
+
+RAW_PROBE = textwrap.dedent(
+    """
+    import socket
+    for name, args in (("raw", (socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)),
+                       ("packet", (socket.AF_PACKET, socket.SOCK_RAW, 0x0300))):
+        try:
+            socket.socket(*args)
+            print(name, "OPENED")
+        except OSError as e:
+            print(name, "refused", e.errno)
+    for path, value in (("/proc/sys/net/ipv4/conf/eth0/rp_filter", "0"),
+                        ("/proc/sys/net/ipv4/ip_forward", "0")):
+        try:
+            with open(path, "w") as f:
+                f.write(value)
+            print(path, "WRITTEN")
+        except OSError as e:
+            print(path, "refused", e.errno)
+    """
+)
+
+
+def test_sandbox_root_cannot_reconfigure_its_network(world, make_sandbox) -> None:
+    sbx = make_sandbox(allow_internet_access=False)
+    try:
+        sbx.files.write("/tmp/raw.py", RAW_PROBE)
+        out = sbx.commands.run("sudo python3 /tmp/raw.py", timeout=30).stdout
+        assert "OPENED" not in out and "WRITTEN" not in out, out
+        assert out.count("refused") == 4, out
+        # Address changes need CAP_NET_ADMIN over the namespace, which sandbox root lacks.
+        r = sbx.commands.run(
+            "sudo python3 -c \"import socket,fcntl,struct;s=socket.socket();"
+            "fcntl.ioctl(s, 0x8914, struct.pack('16sH14s', b'eth0', 0, b''))\" 2>&1; echo rc=$?",
+            timeout=30,
+        )
+        assert "rc=0" not in r.stdout, r.stdout
+        assert not reachable(sbx, ALLOWED)
+    finally:
+        Sandbox.kill(sbx.sandbox_id)
