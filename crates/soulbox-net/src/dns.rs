@@ -47,6 +47,8 @@ const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
 pub(crate) struct Resolver {
     pub(crate) registry: Arc<Registry>,
     pub(crate) upstreams: Vec<SocketAddr>,
+    /// Forward zones: names at or below the zone go to its server instead.
+    pub(crate) zones: Vec<(String, SocketAddr)>,
     pub(crate) nft: Nft,
     /// Never learnt: hard-blocked and private networks (unless the policy allows them).
     pub(crate) unlearnable: Vec<Ipv4Net>,
@@ -177,7 +179,7 @@ impl Resolver {
             }
             _ => {}
         }
-        let answer = match self.forward(query, tcp).await {
+        let answer = match self.forward(&name, query, tcp).await {
             Ok(a) => a,
             Err(e) => {
                 tracing::debug!(error = %e, %name, "resolver: upstream failed");
@@ -222,15 +224,35 @@ impl Resolver {
         }
     }
 
-    /// Sends `query` to the upstream servers in turn; returns the first matching answer
+    /// Where queries for `name` go: the server of the longest forward zone it falls in, else
+    /// the upstream servers.
+    fn servers_for(&self, name: &str) -> Vec<SocketAddr> {
+        let name = name.trim_end_matches('.');
+        let zone = self
+            .zones
+            .iter()
+            .filter(|(z, _)| {
+                name.eq_ignore_ascii_case(z)
+                    || (name.len() > z.len()
+                        && name[name.len() - z.len()..].eq_ignore_ascii_case(z)
+                        && name.as_bytes()[name.len() - z.len() - 1] == b'.')
+            })
+            .max_by_key(|(z, _)| z.len());
+        match zone {
+            Some((_, server)) => vec![*server],
+            None => self.upstreams.clone(),
+        }
+    }
+
+    /// Sends `query` (for `name`) to its servers in turn; returns the first matching answer
     /// (with the client's id).
-    async fn forward(&self, query: &[u8], tcp: bool) -> io::Result<Vec<u8>> {
+    async fn forward(&self, name: &str, query: &[u8], tcp: bool) -> io::Result<Vec<u8>> {
         if query.len() < 12 {
             return Err(io::Error::from(io::ErrorKind::InvalidData));
         }
         let client_id = [query[0], query[1]];
         let mut last = io::Error::other("no upstream DNS server");
-        for upstream in &self.upstreams {
+        for upstream in &self.servers_for(name) {
             let id: u16 = rand::random();
             let mut q = query.to_vec();
             q[..2].copy_from_slice(&id.to_be_bytes());
@@ -254,13 +276,14 @@ impl Resolver {
 
     /// The IPv4 addresses `name` resolves to (for the proxy), through the same upstreams.
     pub(crate) async fn lookup_a(&self, name: &str) -> io::Result<Vec<(Ipv4Addr, u32)>> {
+        let qname = name;
         let name = Name::from_ascii(name)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         let mut msg = Message::query();
         msg.metadata.recursion_desired = true;
         msg.add_query(Query::query(name, RecordType::A));
         let bytes = msg.to_vec().map_err(|e| io::Error::other(e.to_string()))?;
-        let answer = self.forward(&bytes, false).await?;
+        let answer = self.forward(qname, &bytes, false).await?;
         let msg = Message::from_vec(&answer)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
         Ok(msg

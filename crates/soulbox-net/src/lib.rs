@@ -103,6 +103,9 @@ pub struct NetConfig {
     /// Where the resolver sends the queries it forwards (the host's `resolv.conf`
     /// nameservers by default, see [`upstreams_from_resolv_conf`]).
     pub upstream_dns: Vec<SocketAddr>,
+    /// Forward zones (`("corp.example", 10.0.0.53:53)`): queries for names at or below a
+    /// zone go to its server instead of `upstream_dns` (the longest matching zone wins).
+    pub dns_zones: Vec<(String, SocketAddr)>,
     /// Slots kept made ahead of demand.
     pub ready_slots: usize,
 }
@@ -453,6 +456,11 @@ impl Network {
         let resolver = Arc::new(dns::Resolver {
             registry: registry.clone(),
             upstreams: cfg.upstream_dns.clone(),
+            zones: cfg
+                .dns_zones
+                .iter()
+                .map(|(z, a)| (z.trim_end_matches('.').to_ascii_lowercase(), *a))
+                .collect(),
             nft: nft.clone(),
             unlearnable: unlearnable.clone(),
         });

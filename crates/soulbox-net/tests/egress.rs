@@ -380,7 +380,9 @@ fn netcfg(name: &str, state: &std::path::Path, ready: usize) -> NetConfig {
         name: name.to_owned(),
         pool: format!("10.198.{}.0/24", pid % 250).parse().expect("pool"),
         state_dir: state.to_path_buf(),
-        upstream_dns: vec![SocketAddr::from((DNS, 53))],
+        // Only `.test` names go to the world's DNS server: the default upstream is a black hole.
+        upstream_dns: vec![SocketAddr::from(([192, 0, 2, 255], 53))],
+        dns_zones: vec![("test".to_owned(), SocketAddr::from((DNS, 53)))],
         ready_slots: ready,
     }
 }

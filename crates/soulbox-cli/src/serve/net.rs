@@ -26,6 +26,15 @@ pub struct NetArgs {
         value_delimiter = ','
     )]
     pub dns_upstream: Vec<String>,
+    /// Forward zones of the sandboxes' resolver: `ZONE=IP[:PORT]` sends queries for names at or
+    /// below ZONE to that server (repeat or separate with commas).
+    #[arg(
+        long,
+        value_name = "ZONE=ADDR",
+        env = "SOULBOX_DNS_ZONES",
+        value_delimiter = ','
+    )]
+    pub dns_zone: Vec<String>,
     /// Network slots kept made ahead of demand.
     #[arg(long, value_name = "N", default_value_t = 8)]
     pub net_ready_slots: usize,
@@ -66,11 +75,22 @@ pub async fn start(args: &NetArgs, data: &Path, name: &str) -> anyhow::Result<Op
     if upstream_dns.is_empty() {
         bail!("no DNS server in /etc/resolv.conf: give one with --dns-upstream");
     }
+    let dns_zones = args
+        .dns_zone
+        .iter()
+        .map(|z| {
+            let (zone, addr) = z
+                .split_once('=')
+                .with_context(|| format!("--dns-zone {z:?}: expected ZONE=IP[:PORT]"))?;
+            Ok((zone.trim().to_owned(), parse_upstream(addr)?))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let net = Network::start(NetConfig {
         name: name.to_owned(),
         pool,
         state_dir: data.join("network"),
         upstream_dns,
+        dns_zones,
         ready_slots: args.net_ready_slots,
     })
     .await

@@ -5,8 +5,9 @@ The test makes its own "internet": a network namespace on this machine, routed f
 through a veth, with HTTP servers on 203.0.113.10/.11 (public-looking), 10.99.0.10 (private)
 and 169.254.169.254 (metadata), and a DNS server on 203.0.113.53 that answers `*.test` names.
 Nothing leaves the machine. It needs root and `ip` on the server's machine; the domain tests
-also need the server to use that DNS server (`soulbox serve --dns-upstream 203.0.113.53`, or
-`SOULBOX_DNS_UPSTREAM=203.0.113.53` in its environment) and are skipped otherwise.
+also need the server to send `.test` names to that DNS server (`soulbox serve --dns-zone
+test=203.0.113.53`, or `SOULBOX_DNS_ZONES=test=203.0.113.53` in its environment, as scripts/test
+does) and are skipped otherwise.
 """
 
 from __future__ import annotations
@@ -339,7 +340,7 @@ def test_domains_in_allow_out(world, make_sandbox) -> None:
         if resolve(sbx, "allowed.test") != ALLOWED:
             pytest.skip(
                 f"the server does not resolve through the test world's DNS ({DNS}); "
-                "start it with --dns-upstream 203.0.113.53"
+                "start it with --dns-zone test=203.0.113.53"
             )
         assert resolve(sbx, "www.wild.test") == ALLOWED
         assert resolve(sbx, "other.test") is None, "names outside allow_out do not resolve"
