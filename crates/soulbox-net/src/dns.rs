@@ -28,7 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::time::timeout;
 
-use crate::nft::{self, Nft};
+use crate::nftnl;
 use crate::policy::DnsMode;
 use crate::registry::{Entry, Registry};
 
@@ -49,7 +49,8 @@ pub(crate) struct Resolver {
     pub(crate) upstreams: Vec<SocketAddr>,
     /// Forward zones: names at or below the zone go to its server instead.
     pub(crate) zones: Vec<(String, SocketAddr)>,
-    pub(crate) nft: Nft,
+    /// The nftables table (`inet <table>`).
+    pub(crate) table: String,
     /// Never learnt: hard-blocked and private networks (unless the policy allows them).
     pub(crate) unlearnable: Vec<Ipv4Net>,
 }
@@ -216,8 +217,13 @@ impl Resolver {
         if learnt.is_empty() {
             return;
         }
-        let script = self.nft.learn_script(entry.index, &learnt);
-        match tokio::task::spawn_blocking(move || nft::run(&script)).await {
+        let table = self.table.clone();
+        let index = entry.index;
+        let learnt: Vec<(Ipv4Addr, Duration)> = learnt
+            .into_iter()
+            .map(|(ip, secs)| (ip, Duration::from_secs(u64::from(secs))))
+            .collect();
+        match tokio::task::spawn_blocking(move || nftnl::learn(&table, index, &learnt)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "resolver: adding learnt addresses"),
             Err(e) => tracing::warn!(error = %e, "resolver: learn task"),

@@ -22,6 +22,7 @@ mod conntrack;
 mod dns;
 mod netlink;
 mod nft;
+mod nftnl;
 pub mod policy;
 mod proxy;
 mod registry;
@@ -429,8 +430,9 @@ impl Network {
                 proxy_port,
                 forward_guard,
             },
-            &slots,
+            &slots.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
         );
+        let table = nft.table.clone();
         // Interfaces of slots that are not leased (ready slots of an earlier server).
         let stale: Vec<u32> = existing
             .into_iter()
@@ -439,6 +441,10 @@ impl Network {
         let factory = tokio::task::spawn_blocking(move || -> Result<Factory, NetError> {
             let mut factory = factory;
             nft::run(&script).ctx(|| "create the nftables table".into())?;
+            for (slot, policy) in &slots {
+                nftnl::set_policy(&table, slot.index, slot.address, policy)
+                    .ctx(|| format!("restore the egress policy of slot {}", slot.index))?;
+            }
             for i in stale {
                 factory
                     .unmake(i)
@@ -461,7 +467,7 @@ impl Network {
                 .iter()
                 .map(|(z, a)| (z.trim_end_matches('.').to_ascii_lowercase(), *a))
                 .collect(),
-            nft: nft.clone(),
+            table: nft.table.clone(),
             unlearnable: unlearnable.clone(),
         });
         let proxy = Arc::new(proxy::Proxy {
@@ -550,11 +556,9 @@ impl Network {
         policy: Policy,
     ) -> Result<(), NetError> {
         if !policy.is_default() {
-            let script = self
-                .inner
-                .nft
-                .policy_script(&self.slot_ref(lease.index), &policy);
-            tokio::task::spawn_blocking(move || nft::run(&script))
+            let table = self.inner.nft.table.clone();
+            let (index, address, p) = (lease.index, lease.address, policy.clone());
+            tokio::task::spawn_blocking(move || nftnl::set_policy(&table, index, address, &p))
                 .await
                 .map_err(join_error)?
                 .ctx(|| "apply the egress policy".into())?;
@@ -592,9 +596,10 @@ impl Network {
             (l.lease.index, l.entry.clone())
         };
         let slot = self.slot_ref(index);
-        let script = self.inner.nft.policy_script(&slot, &policy);
+        let table = self.inner.nft.table.clone();
+        let p = policy.clone();
         tokio::task::spawn_blocking(move || -> io::Result<()> {
-            nft::run(&script)?;
+            nftnl::set_policy(&table, slot.index, slot.address, &p)?;
             conntrack::flush_mark(slot.mark)
         })
         .await
@@ -620,16 +625,19 @@ impl Network {
         lock(&self.inner.leases).get(owner).map(|l| l.lease.clone())
     }
 
-    /// Ends `owner`'s lease: removes the slot's interface, forgets its tracked connections,
-    /// removes its rules and sets, and makes the index reusable. Idempotent. Call it after the
-    /// sandbox's processes are gone.
+    /// Ends `owner`'s lease at once (its policy no longer applies, its record is gone); the
+    /// slot's interface, tracked connections, chains and sets are then removed in the
+    /// background, after which its index is reusable. Idempotent. Call it after the sandbox's
+    /// processes are gone.
     pub async fn release(&self, owner: &str) -> Result<(), NetError> {
         let Some(leased) = lock(&self.inner.leases).remove(owner) else {
             return Ok(());
         };
         self.inner.registry.remove(leased.lease.address);
         drop(leased.lease.netns);
-        self.scrub(leased.lease.index).await;
+        let this = self.clone();
+        let index = leased.lease.index;
+        tokio::spawn(async move { this.scrub(index).await });
         let path = self.record_path(owner);
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),

@@ -28,7 +28,7 @@ use std::process::{Command, Stdio};
 
 use ipnet::Ipv4Net;
 
-use crate::policy::{HARD_BLOCKED, PRIVATE, Policy, nets};
+use crate::policy::{HARD_BLOCKED, PRIVATE, nets};
 
 /// Most new connections a sandbox may have tracked at once (conntrack exhaustion).
 pub(crate) const MAX_CONNS: u32 = 4096;
@@ -98,7 +98,7 @@ impl Nft {
     }
 
     /// Replaces the whole table (atomically) by the base chains and the given slots.
-    pub(crate) fn base_script(&self, b: &Base<'_>, slots: &[(SlotRef, Policy)]) -> String {
+    pub(crate) fn base_script(&self, b: &Base<'_>, slots: &[SlotRef]) -> String {
         let t = &self.table;
         let p = &self.prefix;
         let mut hard = nets(&HARD_BLOCKED);
@@ -154,9 +154,8 @@ table inet {t} {{
             private = elements(&private),
             pool = b.pool,
         );
-        for (slot, policy) in slots {
+        for slot in slots {
             s.push_str(&self.slot_script(slot, dns, proxy));
-            s.push_str(&self.policy_script(slot, policy));
         }
         s
     }
@@ -197,31 +196,6 @@ add element inet {t} nat_slots {{ "{ifname}" : jump n_{n} }}
         )
     }
 
-    /// Replaces one slot's policy sets (and its membership of `inspect`).
-    pub(crate) fn policy_script(&self, slot: &SlotRef, policy: &Policy) -> String {
-        let t = &self.table;
-        let n = slot.index;
-        let a = slot.address;
-        let mut s = String::new();
-        for (set, list) in [
-            ("a", &policy.allow),
-            ("p", &policy.allow_private),
-            ("d", &policy.deny),
-        ] {
-            let _ = writeln!(s, "flush set inet {t} {set}_{n}");
-            if !list.is_empty() {
-                let _ = writeln!(s, "add element inet {t} {set}_{n} {{ {} }}", elements(list));
-            }
-        }
-        let _ = writeln!(s, "flush set inet {t} l_{n}");
-        // Adding first makes the delete valid whether or not the element was there.
-        let _ = writeln!(s, "add element inet {t} inspect {{ {a} }}");
-        if !policy.inspects() {
-            let _ = writeln!(s, "delete element inet {t} inspect {{ {a} }}");
-        }
-        s
-    }
-
     /// Removes one slot's chains and sets (idempotent: a missing piece is created first).
     pub(crate) fn remove_script(&self, slot: &SlotRef) -> String {
         let t = &self.table;
@@ -252,29 +226,6 @@ add element inet {t} nat_slots {{ "{ifname}" : jump n_{n} }}
             let _ = writeln!(s, "add set inet {t} {set}_{n} {{ type ipv4_addr; {kind} }}");
             let _ = writeln!(s, "delete set inet {t} {set}_{n}");
         }
-        s
-    }
-
-    /// Adds learnt addresses to a slot's `l_N` set with their timeouts (refreshing the
-    /// timeout of addresses already there).
-    pub(crate) fn learn_script(&self, index: u32, learnt: &[(Ipv4Addr, u32)]) -> String {
-        let t = &self.table;
-        let mut s = String::new();
-        let plain = learnt
-            .iter()
-            .map(|(ip, _)| ip.to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
-        let timed = learnt
-            .iter()
-            .map(|(ip, secs)| format!("{ip} timeout {secs}s"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        // add (no-op if present), delete, add: one transaction that leaves every address
-        // there with its new timeout.
-        let _ = writeln!(s, "add element inet {t} l_{index} {{ {plain} }}");
-        let _ = writeln!(s, "delete element inet {t} l_{index} {{ {plain} }}");
-        let _ = writeln!(s, "add element inet {t} l_{index} {{ {timed} }}");
         s
     }
 }
