@@ -27,6 +27,9 @@ const MIN_DISK_IMAGE_MB: u64 = 1024;
 /// The runtime's empty attach point in the state dir (`soulbox_runtime`'s `.attach`).
 const ATTACH_DIR: &str = ".attach";
 
+/// The host's CA bundle on Debian (`ca-certificates`).
+const DEFAULT_BUILD_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
 /// Environment variable that fixes the admin API key instead of generating one.
 const ADMIN_KEY_ENV: &str = "SOULBOX_ADMIN_KEY";
 
@@ -57,6 +60,10 @@ pub struct ServeArgs {
     /// of the data dir's filesystem minus a tenth of its size.
     #[arg(long, value_name = "MIB")]
     pub disk_image_mb: Option<u64>,
+    /// CA bundle (PEM) that template build steps trust, so `RUN pip/npm/curl` work behind a
+    /// TLS-intercepting proxy the host trusts; `none` gives them only the template's own.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_BUILD_CA_BUNDLE)]
+    pub build_ca_bundle: String,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -107,21 +114,24 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .context("storing the admin key")?;
 
-    let templates = Templates::new(data.join("templates"));
-    let base = ensure_base_template(&templates).await?;
-    store
-        .upsert_template(&TemplateRecord {
-            name: soulbox_templates::BASE.to_owned(),
-            layers: vec![base],
-            cpu_count: soulbox_templates::BASE_CPU_COUNT,
-            memory_mb: soulbox_templates::BASE_MEMORY_MB,
-            disk_mb: soulbox_templates::BASE_DISK_MB,
-            default_user: soulbox_templates::DEFAULT_USER.to_owned(),
-            default_workdir: soulbox_templates::DEFAULT_WORKDIR.to_owned(),
-            created_at: Utc::now(),
-        })
-        .await
-        .context("registering the base template")?;
+    // A data dir from before the layer store keeps its mmdebstrap-built base, registered by
+    // path (docs/templates.md, "Upgrading"); a new one builds base from its Dockerfile below.
+    let legacy = Templates::new(data.join("templates"));
+    if legacy.is_built(soulbox_templates::BASE) {
+        store
+            .upsert_template(&TemplateRecord {
+                name: soulbox_templates::BASE.to_owned(),
+                layers: vec![legacy.rootfs(soulbox_templates::BASE)],
+                cpu_count: soulbox_templates::BASE_CPU_COUNT,
+                memory_mb: soulbox_templates::BASE_MEMORY_MB,
+                disk_mb: soulbox_templates::BASE_DISK_MB,
+                default_user: soulbox_templates::DEFAULT_USER.to_owned(),
+                default_workdir: soulbox_templates::DEFAULT_WORKDIR.to_owned(),
+                created_at: Utc::now(),
+            })
+            .await
+            .context("registering the base template")?;
+    }
 
     let state_dir = data.join(STATE_DIR);
     prepare_disk_limits(&state_dir, &data.join(DISK_IMAGE), args.disk_image_mb)?;
@@ -144,6 +154,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             domain: args.domain.clone(),
             data_dir: Some(data.to_owned()),
             network,
+            build_ca_bundle: build_ca_bundle(&args.build_ca_bundle),
             ..ManagerConfig::default()
         },
         store.clone(),
@@ -152,6 +163,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     .await
     .context("re-adopting sandboxes")?;
     tracing::info!(sandboxes = manager.live_count(), "sandbox manager ready");
+    ensure_base_template(&manager).await?;
 
     let api = TcpListener::bind(args.api_addr)
         .await
@@ -346,27 +358,50 @@ fn install_agent_binary(data: &Path) -> anyhow::Result<PathBuf> {
     Ok(target)
 }
 
-async fn ensure_base_template(templates: &Templates) -> anyhow::Result<PathBuf> {
-    if templates.is_built(soulbox_templates::BASE) {
-        return Ok(templates.rootfs(soulbox_templates::BASE));
+/// Builds `base` from its shipped Dockerfile unless it exists (first start), with a progress
+/// bar of its steps.
+async fn ensure_base_template(manager: &Manager) -> anyhow::Result<()> {
+    let name = soulbox_templates::BASE;
+    if manager.template_exists(name).await {
+        return Ok(());
     }
+    let steps = soulbox_templates::shipped::shipped(name)
+        .and_then(|s| soulbox_templates::dockerfile::parse(s.dockerfile).ok())
+        .map_or(0, |d| d.instructions.len());
     tracing::info!(
-        "building the base template from Debian's archive (first start only, about a minute)"
+        "building the {name} template from templates/{name}/Dockerfile (first start only, a \
+         few minutes: Debian's archive, then the packages)"
     );
-    let bar = indicatif::ProgressBar::new(soulbox_templates::progress::TOTAL);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} template base [{bar:40}] {percent:>3}% {elapsed} {msg}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    bar.enable_steady_tick(std::time::Duration::from_millis(120));
-    let result = templates.build_base(&bar).await;
-    bar.finish_and_clear();
-    let rootfs = result.context("building the base template")?;
-    tracing::info!(rootfs = %rootfs.display(), "base template ready");
-    Ok(rootfs)
+    let progress = crate::template::BuildProgress::new(name, steps, true);
+    let result = manager
+        .ensure_shipped_template(name, |l| progress.line(l.step.as_deref(), &l.message))
+        .await;
+    match result {
+        Ok(()) => {
+            progress.finish();
+            tracing::info!("{name} template ready");
+            Ok(())
+        }
+        Err(e) => {
+            progress.abandon();
+            Err(e).with_context(|| format!("building the {name} template"))
+        }
+    }
+}
+
+/// `--build-ca-bundle`: `none`, or a file that exists (a missing default is no error: hosts
+/// without `ca-certificates` simply give build steps nothing).
+fn build_ca_bundle(arg: &str) -> Option<PathBuf> {
+    if arg == "none" {
+        return None;
+    }
+    let path = PathBuf::from(arg);
+    if path.is_file() {
+        Some(path)
+    } else {
+        tracing::warn!(path = %path.display(), "no CA bundle for template build steps: not a file");
+        None
+    }
 }
 
 /// `soulbox` for the default data dir, else `soulbox-` + 12 hex digits of the sha256 of the

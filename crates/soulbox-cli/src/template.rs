@@ -253,6 +253,59 @@ async fn build(client: &RestClient, a: BuildArgs) -> anyhow::Result<()> {
     .await
 }
 
+/// A progress bar of a build's steps (on stderr) with its log printed above it. Without a
+/// terminal the log lines go to stdout (`template build`) or to the server's log (`serve`,
+/// whose stdout carries the `export` lines).
+pub(crate) struct BuildProgress {
+    bar: indicatif::ProgressBar,
+    plain_to_log: bool,
+}
+
+impl BuildProgress {
+    /// A bar for `steps` Dockerfile instructions (plus the `FROM`).
+    pub(crate) fn new(name: &str, steps: usize, plain_to_log: bool) -> BuildProgress {
+        let bar = indicatif::ProgressBar::new(steps as u64 + 1);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} template {prefix} [{bar:30}] step {pos}/{len} {elapsed} {wide_msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(name.to_owned());
+        bar.enable_steady_tick(Duration::from_millis(120));
+        BuildProgress { bar, plain_to_log }
+    }
+
+    /// One build log line: `#<step> <message>`; `[i/n]` lines move the bar.
+    pub(crate) fn line(&self, step: Option<&str>, message: &str) {
+        if let Some(pos) = step_of(message) {
+            self.bar.set_position(pos);
+            self.bar.set_message(message.to_owned());
+        }
+        let line = match step {
+            Some(s) => format!("#{s} {message}"),
+            None => message.to_owned(),
+        };
+        // A hidden bar (no terminal) prints nothing.
+        if self.bar.is_hidden() && self.plain_to_log {
+            tracing::info!(target: "soulbox::template", "{line}");
+        } else if self.bar.is_hidden() {
+            println!("{line}");
+        } else {
+            self.bar.println(line);
+        }
+    }
+
+    pub(crate) fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+
+    pub(crate) fn abandon(&self) {
+        self.bar.abandon();
+    }
+}
+
 /// Polls the build, printing its log lines above a progress bar of its steps.
 async fn follow(
     client: &RestClient,
@@ -261,16 +314,7 @@ async fn follow(
     name: &str,
     steps: usize,
 ) -> anyhow::Result<()> {
-    let bar = indicatif::ProgressBar::new(steps as u64 + 1);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} template {prefix} [{bar:30}] step {pos}/{len} {elapsed} {wide_msg}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    bar.set_prefix(name.to_owned());
-    bar.enable_steady_tick(Duration::from_millis(120));
+    let progress = BuildProgress::new(name, steps, false);
     let mut offset = 0;
     loop {
         let info: TemplateBuildInfo = client
@@ -285,29 +329,16 @@ async fn follow(
             .await?;
         offset += info.log_entries.len();
         for e in &info.log_entries {
-            if let Some(pos) = step_of(&e.message) {
-                bar.set_position(pos);
-                bar.set_message(e.message.clone());
-            }
-            let line = match &e.step {
-                Some(s) => format!("#{s} {}", e.message),
-                None => e.message.clone(),
-            };
-            // A hidden bar (no terminal) prints nothing: the log goes to stdout then.
-            if bar.is_hidden() {
-                println!("{line}");
-            } else {
-                bar.println(line);
-            }
+            progress.line(e.step.as_deref(), &e.message);
         }
         match info.status.as_str() {
             "ready" if info.log_entries.is_empty() => {
-                bar.finish_and_clear();
+                progress.finish();
                 println!("template {name} is ready (id {id}, build {build})");
                 return Ok(());
             }
             "error" if info.log_entries.is_empty() => {
-                bar.abandon();
+                progress.abandon();
                 let reason = info.reason.map(|r| r.message).unwrap_or_default();
                 bail!("building template {name} failed: {reason}");
             }

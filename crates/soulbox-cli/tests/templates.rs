@@ -220,7 +220,11 @@ async fn a_killed_build_leaves_the_next_unaffected() {
     server.stop(libc::SIGKILL);
     let _ = child.wait();
     server.restart();
-    std::fs::write(ctx.join("Dockerfile"), "FROM base\nRUN echo fine > /tmp/fine\n").expect("write");
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM base\nRUN echo fine > /tmp/fine\n",
+    )
+    .expect("write");
     let out = build(&server, &ctx, &["--name", "killed"]);
     assert!(out.status.success(), "{}", text(&out));
     let leftovers: Vec<_> = std::fs::read_dir(server.data.join("layers"))

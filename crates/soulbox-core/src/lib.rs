@@ -83,6 +83,10 @@ pub struct ManagerConfig {
     pub data_dir: Option<PathBuf>,
     /// Sandbox networking (slots, egress policy); `None`: loopback-only sandboxes.
     pub network: Option<soulbox_net::Network>,
+    /// A PEM bundle that template build steps (`RUN`) trust, pointed at by `SSL_CERT_FILE`,
+    /// `PIP_CERT`, `NODE_EXTRA_CA_CERTS` and the like: the host's own, so builds work behind
+    /// a TLS-intercepting proxy the host trusts. Never part of a template's layers.
+    pub build_ca_bundle: Option<PathBuf>,
 }
 
 impl Default for ManagerConfig {
@@ -92,6 +96,7 @@ impl Default for ManagerConfig {
             agent_timeout: Duration::from_secs(10),
             data_dir: None,
             network: None,
+            build_ca_bundle: None,
         }
     }
 }

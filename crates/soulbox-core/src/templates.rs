@@ -15,7 +15,8 @@
 //! finds no sandbox on it.
 //!
 //! What sandboxed code can do with this: a build step's code runs in a sandbox like any other
-//! (same isolation, no network unless the runtime gives one); what it leaves in its upper
+//! (same isolation; a network slot with the default egress policy, so it reaches the internet
+//! but not the host, other sandboxes, metadata or private ranges); what it leaves in its upper
 //! directory becomes a layer, handled as untrusted content (see the layer store). Start and
 //! ready commands run inside the new sandbox as the template's user; a ready check that never
 //! passes only makes that sandbox's create fail after [`READY_TIMEOUT`].
@@ -78,6 +79,22 @@ const SETUP_FILES: &[&str] = &[
     "run/e2b/.E2B_TEMPLATE_ID",
     "etc/hosts",
     "etc/hostname",
+    "etc/resolv.conf",
+    BUILD_CA_DIR,
+];
+/// Where a `RUN` step finds the CA bundle of [`crate::ManagerConfig::build_ca_bundle`]: a
+/// file in a read-only lower layer of its own, so never part of the step's layer.
+const BUILD_CA_DIR: &str = ".soulbox-build";
+const BUILD_CA_FILE: &str = "/.soulbox-build/ca-certificates.crt";
+/// Variables that point TLS clients (OpenSSL, curl, pip/requests, Node.js/npm, git) at
+/// [`BUILD_CA_FILE`] in `RUN` steps, unless the step's own environment sets them.
+const BUILD_CA_ENV: &[&str] = &[
+    "SSL_CERT_FILE",
+    "CURL_CA_BUNDLE",
+    "REQUESTS_CA_BUNDLE",
+    "PIP_CERT",
+    "NODE_EXTRA_CA_CERTS",
+    "GIT_SSL_CAINFO",
 ];
 /// Bumped when what a cached step produces changes meaning.
 const CACHE_VERSION: &str = "soulbox-layer-cache-v1";
@@ -882,12 +899,82 @@ impl Manager {
         }
     }
 
-    /// The steps, for real.
+    /// The steps, for real, with the build CA bundle staged for their duration.
     async fn execute(
         &self,
         def: &TemplateDef,
         spec: &BuildSpec,
         log: &BuildLog,
+    ) -> Result<BuildConfig, StepError> {
+        if self.network().is_none() {
+            log.push(
+                "warn",
+                None,
+                "this server runs without networking (serve --no-network): RUN steps have no \
+                 internet access",
+            );
+        }
+        let ca = self.stage_build_ca(log).await;
+        let result = self.execute_steps(def, spec, log, ca.as_deref()).await;
+        if let Some(dir) = ca {
+            let _ =
+                tokio::task::spawn_blocking(move || soulbox_templates::layers::remove_tree(&dir))
+                    .await;
+        }
+        result
+    }
+
+    /// A lower layer holding a copy of the host's CA bundle at [`BUILD_CA_FILE`], when the
+    /// server is configured with one (a missing or unreadable bundle is logged and skipped).
+    async fn stage_build_ca(&self, log: &BuildLog) -> Option<PathBuf> {
+        let bundle = self.inner.cfg.build_ca_bundle.clone()?;
+        let state = self.template_state().ok()?;
+        let dir = match state.layers.temp_dir() {
+            Ok(d) => d,
+            Err(e) => {
+                log.push("warn", None, format!("staging the build CA bundle: {e}"));
+                return None;
+            }
+        };
+        let staged = tokio::task::spawn_blocking({
+            let dir = dir.clone();
+            move || -> std::io::Result<()> {
+                let target = dir.join(BUILD_CA_FILE.trim_start_matches('/'));
+                if let Some(parent) = target.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                std::fs::copy(&bundle, &target)?;
+                Ok(())
+            }
+        })
+        .await;
+        match staged {
+            Ok(Ok(())) => Some(dir),
+            Ok(Err(e)) => {
+                log.push(
+                    "warn",
+                    None,
+                    format!("build steps get no CA bundle from the host: {e}"),
+                );
+                let _ = tokio::task::spawn_blocking(move || {
+                    soulbox_templates::layers::remove_tree(&dir)
+                })
+                .await;
+                None
+            }
+            Err(e) => {
+                log.push("warn", None, format!("staging the build CA bundle: {e}"));
+                None
+            }
+        }
+    }
+
+    async fn execute_steps(
+        &self,
+        def: &TemplateDef,
+        spec: &BuildSpec,
+        log: &BuildLog,
+        ca: Option<&Path>,
     ) -> Result<BuildConfig, StepError> {
         let (base, items) = match &spec.source {
             BuildSource::Dockerfile { text, files } => {
@@ -935,7 +1022,7 @@ impl Manager {
                 Some(&step),
                 format!("[{}/{total}] {}", i + 1, concrete.describe()),
             );
-            self.apply(&mut v, concrete, &step, forced, log).await?;
+            self.apply(&mut v, concrete, &step, forced, log, ca).await?;
         }
         if let Some(ready) = v.labels.get("soulbox.ready-cmd")
             && spec.ready_cmd.is_none()
@@ -1109,6 +1196,7 @@ impl Manager {
         step: &str,
         force: bool,
         log: &BuildLog,
+        ca: Option<&Path>,
     ) -> Result<(), StepError> {
         if !c.makes_layer() {
             match c {
@@ -1126,7 +1214,7 @@ impl Manager {
         let layers = v.layers.clone();
         let layer = self
             .cached_or(&key, force, log, Some(step), async {
-                self.run_step(&layers, &c, step, log).await
+                self.run_step(&layers, &c, step, log, ca).await
             })
             .await?;
         if let Concrete::Workdir { path } = &c {
@@ -1139,13 +1227,15 @@ impl Manager {
         Ok(())
     }
 
-    /// Runs one layer-making step in a build sandbox; returns the new layer (if any).
+    /// Runs one layer-making step in a build sandbox; returns the new layer (if any). `ca`
+    /// is the staged CA bundle layer that `RUN` steps get on top.
     async fn run_step(
         &self,
         layers: &[String],
         c: &Concrete,
         step: &str,
         log: &BuildLog,
+        ca: Option<&Path>,
     ) -> Result<Option<String>, StepError> {
         let fail = |m: String| StepError::new(Some(step), m);
         let state = self.template_state().map_err(|e| fail(e.to_string()))?;
@@ -1166,10 +1256,18 @@ impl Manager {
                     cwd: Some("/".into()),
                     user: "root".into(),
                 };
+                let mut envs: HashMap<String, String> = env.clone().into_iter().collect();
+                if let Some(dir) = ca {
+                    paths.push(dir.to_owned());
+                    for var in BUILD_CA_ENV {
+                        envs.entry((*var).to_owned())
+                            .or_insert_with(|| BUILD_CA_FILE.to_owned());
+                    }
+                }
                 let run = Proc {
                     cmd: cmd.clone(),
                     args: args.to_vec(),
-                    envs: env.clone().into_iter().collect(),
+                    envs,
                     cwd: Some(workdir.clone()),
                     user: user.clone(),
                 };
@@ -1273,10 +1371,19 @@ impl Manager {
             layers: layers.to_vec(),
             limits: BUILD_LIMITS,
         };
-        let handle = runtime
-            .create(&spec)
+        // The default egress policy: the internet, not the host, other sandboxes, metadata
+        // or private ranges (docs/networking.md), so RUN can fetch packages.
+        let attach = self
+            .attach_network(&spec.id, &soulbox_net::EgressConfig::default())
             .await
-            .map_err(|e| fail(format!("build sandbox: {e}")))?;
+            .map_err(|e| fail(format!("build sandbox network: {e}")))?;
+        let handle = match runtime.create_with_network(&spec, attach).await {
+            Ok(h) => h,
+            Err(e) => {
+                self.release_network(&spec.id).await;
+                return Err(fail(format!("build sandbox: {e}")));
+            }
+        };
         let outcome = async {
             let init = InitRequest {
                 sandbox_id: spec.id.clone(),
@@ -1347,6 +1454,7 @@ impl Manager {
         if let Err(e) = runtime.destroy(&handle).await {
             tracing::error!(id = %spec.id, error = %e, "destroying a build sandbox");
         }
+        self.release_network(&spec.id).await;
         outcome
     }
 
@@ -1525,6 +1633,12 @@ impl Manager {
         }
         self.collect_garbage().await?;
         Ok(())
+    }
+
+    /// Whether sandboxes can be made from `key` (a ready build, or a rootfs registered by
+    /// path).
+    pub async fn template_exists(&self, key: &str) -> bool {
+        self.resolve_template(key).await.is_ok()
     }
 
     /// Builds a shipped template unless a ready build of it exists, reporting log lines to

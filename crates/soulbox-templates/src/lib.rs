@@ -1,7 +1,9 @@
-//! Template builds: the Debian base rootfs and the layer store.
+//! Template builds: Debian bootstraps (`FROM debian:*`), the Dockerfile subset, the layer
+//! store, the shipped templates, and the legacy layout below.
 //!
-//! A template is a directory `<root>/<name>/` whose `rootfs/` is a read-only lower layer for
-//! sandboxes. Builds happen in `<root>/.build-<name>-<pid>/` and are renamed into place, so a
+//! Legacy layout (data dirs made before the layer store, and the test harness's shared base):
+//! a template is a directory `<root>/<name>/` whose `rootfs/` is a read-only lower layer for
+//! sandboxes, registered by path. Builds happen in `<root>/.build-<name>-<pid>/` and are renamed into place, so a
 //! template directory either is complete or does not exist. Leftovers of interrupted builds are
 //! unmounted and removed on the next build.
 //!
@@ -28,7 +30,8 @@ pub const BASE: &str = "base";
 /// Debian suite the base template is built from.
 pub const BASE_SUITE: &str = "bookworm";
 
-/// Packages on top of `minbase`.
+/// Packages on top of `minbase` in the legacy base build; the same as `templates/base/Dockerfile`
+/// installs (a test keeps them in step).
 pub const BASE_PACKAGES: &[&str] = &[
     "bash",
     "coreutils",
@@ -228,10 +231,6 @@ async fn run_mmdebstrap(
                 if update.message != last_message {
                     last_message = update.message;
                     bar.set_message(update.message);
-                    // Logs show the steps where no terminal shows the bar.
-                    if bar.is_hidden() {
-                        tracing::info!(step = update.message, "base template build");
-                    }
                 }
             }
             if tail.len() == ERROR_TAIL_LINES {

@@ -38,4 +38,21 @@ mod tests {
         assert!(shipped("base").is_some());
         assert!(shipped("nope").is_none());
     }
+
+    #[test]
+    fn legacy_base_installs_what_the_base_dockerfile_does() {
+        let df = shipped(crate::BASE)
+            .map(|s| s.dockerfile)
+            .unwrap_or_default();
+        for p in crate::BASE_PACKAGES {
+            assert!(
+                df.split_whitespace().any(|w| w == *p),
+                "{p} is missing from templates/base/Dockerfile"
+            );
+        }
+        assert!(df.contains(&format!(
+            "--uid 1000 --user-group --shell /bin/bash {}",
+            crate::DEFAULT_USER
+        )));
+    }
 }
