@@ -2,7 +2,8 @@
 //!
 //! One current-thread tokio runtime serves HTTP/1.1 (hyper) on the inherited listener: `/health`,
 //! `/files`, `/envs`, the Connect services `process.Process` and `filesystem.Filesystem`, and
-//! the host-only `/_soulbox/init`. The Connect layer is our own (`rpc`), not the `connectrpc`
+//! the host-only `/_soulbox/init` and `/_soulbox/tunnel/<port>` (the gateway's way to the
+//! sandbox's TCP ports). The Connect layer is our own (`rpc`), not the `connectrpc`
 //! crate: envd's streams have semantics a generic framework fights (`Connect-Timeout-Ms` is a
 //! process lifetime, not a request deadline; a client disconnect must not cancel the work;
 //! keepalive events; size limits enforced before buffering), and a few hundred lines keep the
@@ -24,6 +25,7 @@ mod pty;
 mod reaper;
 mod rpc;
 mod server;
+mod tunnel;
 mod users;
 mod watch;
 

@@ -15,6 +15,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use soulbox_wire::agent::{INIT_PATH, InitRequest};
 use soulbox_wire::connect::{Code, ConnectError};
 use soulbox_wire::envd::{FILESYSTEM_SERVICE, PROCESS_SERVICE};
+use soulbox_wire::tunnel::TUNNEL_PATH;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::http::{Body, error, json, status};
@@ -104,7 +105,9 @@ where
             // request. Keep it above clients' idle pool timeouts (SDK 300 s, hyper 90 s) so
             // we never close a connection a client is about to reuse.
             .header_read_timeout(Duration::from_secs(600))
-            .serve_connection(TokioIo::new(stream), service);
+            .serve_connection(TokioIo::new(stream), service)
+            // The port tunnel hands the connection over after its 101.
+            .with_upgrades();
         if let Err(e) = conn.await {
             tracing::debug!("connection ended: {e}");
         }
@@ -132,6 +135,7 @@ async fn route(agent: Arc<Agent>, req: Request<Incoming>) -> Response<Body> {
         (Method::GET | Method::HEAD, "/files") => crate::files::download(agent, req).await,
         (Method::POST, "/files") => crate::files::upload(agent, req).await,
         (_, "/files") => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+        (Method::GET, p) if p.starts_with(TUNNEL_PATH) => crate::tunnel::open(req).await,
         _ => {
             if let Some(m) = rpc_method(&path, PROCESS_SERVICE) {
                 crate::process::dispatch(agent, m, req).await

@@ -1,6 +1,7 @@
-//! Wire formats: E2B REST bodies, envd Connect messages, the Connect envelope codec, host-agent messages.
+//! Wire formats: E2B REST bodies, envd Connect messages, the Connect envelope codec, host-agent messages, the port tunnel.
 
-pub mod rest;
 pub mod agent;
 pub mod connect;
 pub mod envd;
+pub mod rest;
+pub mod tunnel;
