@@ -558,10 +558,16 @@ impl Network {
         if !policy.is_default() {
             let table = self.inner.nft.table.clone();
             let (index, address, p) = (lease.index, lease.address, policy.clone());
+            let started = Instant::now();
             tokio::task::spawn_blocking(move || nftnl::set_policy(&table, index, address, &p))
                 .await
                 .map_err(join_error)?
                 .ctx(|| "apply the egress policy".into())?;
+            tracing::debug!(
+                index,
+                us = started.elapsed().as_micros() as u64,
+                "egress policy applied"
+            );
         }
         self.record(&lease.owner, lease.index, config)?;
         let entry = Arc::new(Entry::new(lease.index, policy));
