@@ -1,6 +1,7 @@
 //! The `soulbox` binary: `serve`, the CLI, and `agent` (PID 1 inside every sandbox).
 
 mod agent;
+mod domain;
 mod interpreter;
 mod sandbox;
 mod sandbox_exec;

@@ -43,6 +43,22 @@ pub enum SandboxCommand {
     Exec(crate::sandbox_exec::ExecArgs),
     /// Open an interactive terminal (PTY) in a sandbox.
     Shell(crate::sandbox_exec::ShellArgs),
+    /// Print the address of a port of a sandbox, as the SDKs' `get_host(port)` makes it:
+    /// `https://<port>-<id>.<domain>` in domain mode, else the gateway's URL (and, on stderr,
+    /// the routing headers to send with it).
+    Url(UrlArgs),
+}
+
+#[derive(clap::Args)]
+pub struct UrlArgs {
+    /// Sandbox ID.
+    pub id: String,
+    /// Port of a server in the sandbox.
+    #[arg(value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: u16,
+    /// Sandbox-traffic URL of the server (URL mode).
+    #[arg(long, env = "E2B_SANDBOX_URL", default_value = "http://127.0.0.1:3001")]
+    pub sandbox_url: String,
 }
 
 #[derive(clap::Args)]
@@ -86,6 +102,7 @@ pub fn run(args: SandboxArgs) -> anyhow::Result<()> {
         SandboxCommand::Kill { id } => rest(api, |c| async move { kill(&c, &id).await }),
         SandboxCommand::Exec(a) => crate::sandbox_exec::exec(a, api),
         SandboxCommand::Shell(a) => crate::sandbox_exec::shell(a, api),
+        SandboxCommand::Url(a) => rest(api, |c| async move { url(&c, a).await }),
     }
 }
 
@@ -182,6 +199,29 @@ async fn kill(client: &RestClient, id: &str) -> anyhow::Result<()> {
         }
         Err(e) => Err(e).with_context(|| format!("killing {id}")),
     }
+}
+
+async fn url(client: &RestClient, a: UrlArgs) -> anyhow::Result<()> {
+    let detail = client
+        .get(&a.id)
+        .await
+        .with_context(|| format!("sandbox {}", a.id))?;
+    match detail.domain {
+        Some(domain) => println!("https://{}-{}.{domain}", a.port, a.id),
+        None => {
+            println!("{}", a.sandbox_url);
+            eprintln!(
+                "# the server has no domain mode (soulbox serve --domain): send these headers \
+                 with every request\n\
+                 #   E2b-Sandbox-Id: {id}\n#   E2b-Sandbox-Port: {port}\n\
+                 # e.g. curl -H 'E2b-Sandbox-Id: {id}' -H 'E2b-Sandbox-Port: {port}' {url}/",
+                id = a.id,
+                port = a.port,
+                url = a.sandbox_url.trim_end_matches('/'),
+            );
+        }
+    }
+    Ok(())
 }
 
 fn key_value(s: &str) -> Result<(String, String), String> {

@@ -46,9 +46,8 @@ pub struct ServeArgs {
     /// Sandbox-traffic listener (E2B_SANDBOX_URL).
     #[arg(long, default_value = "127.0.0.1:3001")]
     pub sandbox_addr: SocketAddr,
-    /// Domain for host-based routing (`<port>-<id>.<domain>`).
-    #[arg(long)]
-    pub domain: Option<String>,
+    #[command(flatten)]
+    pub domain: crate::domain::DomainArgs,
     /// Parent cgroup of this server's sandboxes. The default is `soulbox` for the default data
     /// dir and `soulbox-<hash of the data dir>` otherwise, so that servers on different data
     /// dirs never reap each other's sandboxes.
@@ -149,9 +148,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         None => cgroup_name(data)?,
     };
     let network = net::start(&args.net, data, &net_name).await?;
+    let domain_mode = args.domain.prepare(data).await?;
     let manager = Manager::start(
         ManagerConfig {
-            domain: args.domain.clone(),
+            domain: domain_mode.as_ref().map(|d| d.advertised.clone()),
             data_dir: Some(data.to_owned()),
             network,
             build_ca_bundle: build_ca_bundle(&args.build_ca_bundle),
@@ -179,6 +179,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         writeln!(out, "export E2B_API_URL={api_url}")?;
         writeln!(out, "export E2B_SANDBOX_URL={sandbox_url}")?;
         writeln!(out, "export E2B_API_KEY={admin_key}")?;
+        if let Some(mode) = &domain_mode {
+            write!(out, "{}", mode.exports())?;
+        }
         out.flush()?;
     }
 
@@ -190,13 +193,28 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         stop_tx.send_replace(true);
     });
-    let (api_result, gateway_result) = tokio::join!(
+    let sandboxes = soulbox_gateway::Gateway::new(
+        manager.clone(),
+        crate::domain::gateway_config(domain_mode.as_ref(), &manager),
+    );
+    let tls = {
+        let (sandboxes, stop_rx) = (sandboxes.clone(), stop_rx.clone());
+        async move {
+            match domain_mode {
+                Some(mode) => mode.serve(sandboxes, || stopped(stop_rx.clone())).await,
+                None => Ok(()),
+            }
+        }
+    };
+    let (api_result, gateway_result, tls_result) = tokio::join!(
         soulbox_api::serve(api, manager.clone(), stopped(stop_rx.clone())),
-        soulbox_gateway::serve(gateway, manager, stopped(stop_rx)),
+        sandboxes.serve(gateway, stopped(stop_rx)),
+        tls,
     );
     store.close().await;
     api_result.context("control-plane server")?;
     gateway_result.context("sandbox gateway")?;
+    tls_result.context("domain-mode TLS listener")?;
     drop(lock);
     Ok(())
 }

@@ -9,44 +9,23 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
-use soulbox_core::{Manager, ManagerConfig};
-use soulbox_runtime::{Runtime, RuntimeConfig};
-use soulbox_store::Store;
+use soulbox_gateway::GatewayConfig;
+
+mod common;
 
 struct Gateway {
     url: String,
     http: Client<HttpConnector, Full<Bytes>>,
-    _dir: tempfile::TempDir,
+    _env: common::Env,
 }
 
 async fn start() -> Gateway {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(&dir.path().join("soulbox.db"))
-        .await
-        .expect("store");
-    let runtime = Runtime::new(RuntimeConfig {
-        state_dir: dir.path().join("sandboxes"),
-        agent_binary: std::env::current_exe().expect("test binary"),
-        // No sandbox is ever created under it, so tests running in parallel cannot clash.
-        cgroup_name: "soulbox-test-gateway".into(),
-    })
-    .expect("runtime (needs root)");
-    let manager = Manager::start(ManagerConfig::default(), store, runtime)
-        .await
-        .expect("manager");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(soulbox_gateway::serve(
-        listener,
-        manager,
-        std::future::pending(),
-    ));
+    let env = common::env("soulbox-test-gateway").await;
+    let url = common::serve_plain(common::gateway(&env, GatewayConfig::default())).await;
     Gateway {
         url,
         http: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
-        _dir: dir,
+        _env: env,
     }
 }
 

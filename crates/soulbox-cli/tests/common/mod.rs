@@ -7,6 +7,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod ports;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -57,7 +59,10 @@ pub struct Server {
     pub sandbox_url: String,
     pub api_key: String,
     pub data: PathBuf,
+    /// Every `export` line the server printed (domain mode adds `E2B_DOMAIN` and the CA's).
+    pub exports: BTreeMap<String, String>,
     cgroup: String,
+    extra_args: Vec<String>,
     child: Option<Child>,
     _dir: Option<tempfile::TempDir>,
 }
@@ -66,6 +71,11 @@ impl Server {
     /// Starts a server on a new data dir; `cgroup` names its parent cgroup (unique per test, so
     /// parallel tests never reap each other's sandboxes).
     pub fn start(cgroup: &str) -> Server {
+        Server::start_with(cgroup, &[])
+    }
+
+    /// [`Server::start`] with more `soulbox serve` arguments.
+    pub fn start_with(cgroup: &str, extra_args: &[&str]) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");
         let base = data.join("templates/base");
@@ -76,7 +86,9 @@ impl Server {
             sandbox_url: String::new(),
             api_key: String::new(),
             data,
+            exports: BTreeMap::new(),
             cgroup: cgroup.to_owned(),
+            extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),
             child: None,
             _dir: Some(dir),
         };
@@ -96,6 +108,7 @@ impl Server {
             .arg("--data-dir")
             .arg(&self.data)
             .args(["--cgroup-name", &self.cgroup])
+            .args(&self.extra_args)
             .env_remove("SOULBOX_ADMIN_KEY")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -103,6 +116,14 @@ impl Server {
             .spawn()
             .expect("spawn soulbox serve");
         let stdout = child.stdout.take().expect("stdout");
+        // The last line of the export block: domain mode adds its own, and the local CA's
+        // unless a certificate is given.
+        let domain = self.extra_args.iter().any(|a| a == "--domain");
+        let last = match (domain, self.extra_args.iter().any(|a| a == "--tls-cert")) {
+            (false, _) => "E2B_API_KEY",
+            (true, true) => "E2B_DOMAIN",
+            (true, false) => "NODE_EXTRA_CA_CERTS",
+        };
         let mut exports = BTreeMap::new();
         for line in BufReader::new(stdout).lines() {
             let line = line.expect("serve output");
@@ -112,14 +133,15 @@ impl Server {
             {
                 exports.insert(k.to_owned(), v.to_owned());
             }
-            if exports.len() == 3 {
+            if exports.contains_key(last) {
                 break;
             }
         }
-        assert_eq!(exports.len(), 3, "serve printed {exports:?}");
+        assert!(exports.contains_key(last), "serve printed {exports:?}");
         self.api_url = exports["E2B_API_URL"].clone();
         self.sandbox_url = exports["E2B_SANDBOX_URL"].clone();
         self.api_key = exports["E2B_API_KEY"].clone();
+        self.exports = exports;
         self.child = Some(child);
     }
 
@@ -131,6 +153,11 @@ impl Server {
         let rc = unsafe { libc::kill(pid, signal) };
         assert_eq!(rc, 0, "signalling soulbox serve");
         child.wait().expect("wait for soulbox serve")
+    }
+
+    /// Host pid of the running `soulbox serve`.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
     }
 
     /// Starts the server again on the same data dir.
