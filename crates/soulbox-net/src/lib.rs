@@ -640,6 +640,7 @@ impl Network {
             return Ok(());
         };
         self.inner.registry.remove(leased.lease.address);
+        leased.entry.close();
         drop(leased.lease.netns);
         let this = self.clone();
         let index = leased.lease.index;

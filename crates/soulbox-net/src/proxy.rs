@@ -113,8 +113,25 @@ impl Proxy {
         .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
         let _ = upstream.set_nodelay(true);
         upstream.write_all(&head).await?;
-        tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
-        Ok(())
+        // Until either end closes, or a policy change no longer allows the name, or the lease
+        // ends.
+        let mut changes = entry.watch();
+        let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+        tokio::pin!(copy);
+        loop {
+            tokio::select! {
+                done = &mut copy => {
+                    done?;
+                    return Ok(());
+                }
+                changed = changes.changed() => {
+                    let ended = changed.is_err() || changes.borrow_and_update().is_none();
+                    if ended || !entry.policy().allows_name(&name) {
+                        return Err(io::Error::other(format!("{name} is no longer allowed")));
+                    }
+                }
+            }
+        }
     }
 }
 

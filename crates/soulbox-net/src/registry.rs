@@ -18,6 +18,9 @@ pub(crate) struct Entry {
     bucket: Mutex<Bucket>,
     /// DNS queries or proxied connections in progress.
     pub(crate) busy: AtomicU32,
+    /// Bumped on every policy change; `None` once the lease has ended. Proxied connections
+    /// watch it to re-check their name (or stop).
+    generation: tokio::sync::watch::Sender<Option<u64>>,
 }
 
 #[derive(Debug)]
@@ -40,6 +43,7 @@ impl Entry {
                 at: Instant::now(),
             }),
             busy: AtomicU32::new(0),
+            generation: tokio::sync::watch::Sender::new(Some(0)),
         }
     }
 
@@ -56,6 +60,18 @@ impl Entry {
             Ok(mut p) => *p = policy,
             Err(poisoned) => *poisoned.into_inner() = policy,
         }
+        self.generation
+            .send_modify(|g| *g = g.map(|n| n.wrapping_add(1)));
+    }
+
+    /// The lease is over: everything still proxied for it stops.
+    pub(crate) fn close(&self) {
+        self.generation.send_replace(None);
+    }
+
+    /// Notified on policy changes and when the lease ends.
+    pub(crate) fn watch(&self) -> tokio::sync::watch::Receiver<Option<u64>> {
+        self.generation.subscribe()
     }
 
     /// Takes one DNS token; false when the sandbox is over its rate.

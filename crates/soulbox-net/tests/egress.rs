@@ -219,6 +219,15 @@ fn hello(mut s: TcpStream) {
         .map(|a| a.ip().to_string())
         .unwrap_or_default();
     let _ = s.write_all(format!("hello from {local} {first}\n").as_bytes());
+    // A long-lived connection: echo until the client goes.
+    if first.contains("KEEP") {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 || s.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    }
 }
 
 fn dns_server(sock: UdpSocket) {
@@ -281,7 +290,7 @@ fn tcp(ns: &Arc<OwnedFd>, to: SocketAddrV4, payload: Vec<u8>) -> Result<String, 
     in_netns(ns, move || {
         let mut s = TcpStream::connect_timeout(&SocketAddr::V4(to), Duration::from_millis(1500))
             .map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(3)))
+        s.set_read_timeout(Some(Duration::from_secs(8)))
             .map_err(|e| e.to_string())?;
         s.write_all(&payload).map_err(|e| e.to_string())?;
         let mut out = String::new();
@@ -676,6 +685,53 @@ async fn egress_policy_end_to_end() {
     assert!(
         learnt.contains("203.0.113.10") && !learnt.contains("10.99.0.10"),
         "{learnt}"
+    );
+
+    // A connection that went through the SNI/Host check ends when the name is no longer
+    // allowed.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let held = {
+        let ns = dns_.clone();
+        std::thread::spawn(move || {
+            move_into_link_name_space(ns.as_fd(), Some(LinkNameSpaceType::Network)).expect("setns");
+            let mut s = TcpStream::connect_timeout(
+                &SocketAddr::V4(SocketAddrV4::new(OTHER, 80)),
+                Duration::from_secs(2),
+            )
+            .expect("connect");
+            s.write_all(b"GET /KEEP HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+                .expect("send");
+            s.set_read_timeout(Some(Duration::from_secs(3)))
+                .expect("timeout");
+            let mut buf = [0u8; 256];
+            let n = s.read(&mut buf).expect("greeting");
+            let greeting = String::from_utf8_lossy(&buf[..n]).into_owned();
+            ready_tx.send(greeting).expect("ready");
+            go_rx.recv().expect("go");
+            let _ = s.write_all(b"still there?\n");
+            // EOF or reset: the proxy dropped the connection.
+            match s.read(&mut buf) {
+                Ok(0) => true,
+                Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+                Ok(_) => false,
+            }
+        })
+    };
+    let greeting = ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("greeting");
+    assert!(
+        greeting.starts_with("hello from 203.0.113.10"),
+        "{greeting}"
+    );
+    net.update("dom", &cfg(false, &[], &[]))
+        .await
+        .expect("update");
+    go_tx.send(()).expect("go");
+    assert!(
+        held.join().expect("thread"),
+        "the proxied connection outlived the policy"
     );
 
     // PUT network: live.
