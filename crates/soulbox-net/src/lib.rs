@@ -229,6 +229,8 @@ struct Inner {
     ready: Mutex<VecDeque<Made>>,
     indices: Mutex<Indices>,
     refill: Arc<Notify>,
+    /// Released slot indices, scrubbed in batches by the janitor task.
+    janitor: tokio::sync::mpsc::UnboundedSender<u32>,
     mark_base: u32,
     dns_port: u16,
     proxy_port: u16,
@@ -480,6 +482,7 @@ impl Network {
             tokio::spawn(resolver.serve_tcp(dns_tcp)),
             tokio::spawn(proxy.serve(proxy_listener)),
         ];
+        let (janitor_tx, janitor_rx) = tokio::sync::mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             nft,
             factory: Mutex::new(factory),
@@ -493,6 +496,7 @@ impl Network {
                 taken,
             }),
             refill: Arc::new(Notify::new()),
+            janitor: janitor_tx,
             mark_base,
             dns_port,
             proxy_port,
@@ -502,6 +506,8 @@ impl Network {
         let weak = Arc::downgrade(&inner);
         let notify = inner.refill.clone();
         tokio::spawn(async move { refill_loop(weak, notify).await });
+        let weak = Arc::downgrade(&inner);
+        tokio::spawn(async move { janitor_loop(weak, janitor_rx).await });
         inner.refill.notify_one();
         tracing::info!(
             pool = %inner.cfg.pool,
@@ -543,7 +549,7 @@ impl Network {
         };
         let result = self.finish_acquire(&lease, config, policy).await;
         if let Err(e) = result {
-            self.scrub(index).await;
+            self.scrub(index);
             return Err(e);
         }
         Ok(lease)
@@ -642,9 +648,7 @@ impl Network {
         self.inner.registry.remove(leased.lease.address);
         leased.entry.close();
         drop(leased.lease.netns);
-        let this = self.clone();
-        let index = leased.lease.index;
-        tokio::spawn(async move { this.scrub(index).await });
+        self.scrub(leased.lease.index);
         let path = self.record_path(owner);
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),
@@ -721,63 +725,139 @@ impl Network {
         make_slot(&self.inner).await
     }
 
-    /// Undoes a slot (leased or ready) and makes its index reusable. Failures are logged:
-    /// the index is then not reused.
-    async fn scrub(&self, index: u32) {
-        let inner = self.inner.clone();
-        let slot = self.slot_ref(index);
+    /// Hands a slot (leased or ready) to the janitor, which undoes it and makes its index
+    /// reusable.
+    fn scrub(&self, index: u32) {
+        if self.inner.janitor.send(index).is_err() {
+            tracing::error!(index, "network janitor gone; slot not scrubbed");
+        }
+    }
+}
+
+/// Scrubs released slots, a batch at a time: each slot's interface is deleted and its
+/// conntrack entries flushed, then one `nft` transaction removes every slot's chains and sets.
+/// Failures are logged and the index is then not reused. Ends when the service is dropped.
+async fn janitor_loop(
+    weak: std::sync::Weak<Inner>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<u32>,
+) {
+    while let Some(first) = rx.recv().await {
+        // Releases tend to come in bursts (a client killing its sandboxes): gather them.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let mut batch = vec![first];
+        while let Ok(i) = rx.try_recv() {
+            batch.push(i);
+        }
+        let Some(inner) = weak.upgrade() else { return };
+        let inner2 = inner.clone();
+        let indices = batch.clone();
         let result = tokio::task::spawn_blocking(move || -> io::Result<()> {
-            lock(&inner.factory).unmake(index)?;
-            conntrack::flush_mark(slot.mark)?;
-            nft::run(&inner.nft.remove_script(&slot))
+            let mut script = String::new();
+            for &index in &indices {
+                let slot = SlotRef {
+                    index,
+                    address: slot::addresses(inner2.cfg.pool, index).1,
+                    mark: inner2.mark_base | index,
+                };
+                lock(&inner2.factory).unmake(index)?;
+                conntrack::flush_mark(slot.mark)?;
+                script.push_str(&inner2.nft.remove_script(&slot));
+            }
+            nft::run(&script)
         })
         .await;
         match result {
-            Ok(Ok(())) => lock(&self.inner.indices).give_back(index),
+            Ok(Ok(())) => {
+                let mut indices = lock(&inner.indices);
+                for i in batch {
+                    indices.give_back(i);
+                }
+            }
             Ok(Err(e)) => {
-                tracing::error!(index, error = %e, "scrubbing a network slot; not reusing it")
+                tracing::error!(?batch, error = %e, "scrubbing network slots; not reusing them")
             }
             Err(e) => {
-                tracing::error!(index, error = %e, "scrubbing a network slot; not reusing it")
+                tracing::error!(?batch, error = %e, "scrubbing network slots; not reusing them")
             }
         }
     }
 }
 
 async fn make_slot(inner: &Arc<Inner>) -> Result<Made, NetError> {
-    let index = lock(&inner.indices)
-        .take()
-        .ok_or(NetError::Exhausted(inner.cfg.pool))?;
+    make_slots(inner, 1)
+        .await?
+        .pop()
+        .ok_or(NetError::Exhausted(inner.cfg.pool))
+}
+
+/// Makes up to `n` slots (fewer if the pool runs out of indices): each slot's namespace and
+/// veth, then one `nft` transaction for all their chains and sets.
+async fn make_slots(inner: &Arc<Inner>, n: usize) -> Result<Vec<Made>, NetError> {
+    let indices: Vec<u32> = {
+        let mut ix = lock(&inner.indices);
+        (0..n).map_while(|_| ix.take()).collect()
+    };
+    if indices.is_empty() {
+        return Err(NetError::Exhausted(inner.cfg.pool));
+    }
     let inner2 = inner.clone();
     let started = Instant::now();
-    let made = tokio::task::spawn_blocking(move || -> io::Result<Made> {
-        let made = lock(&inner2.factory).make(index)?;
-        let slot = SlotRef {
-            index,
-            address: slot::addresses(inner2.cfg.pool, index).1,
-            mark: inner2.mark_base | index,
-        };
-        let script = inner2
-            .nft
-            .slot_script(&slot, inner2.dns_port, inner2.proxy_port);
+    let taken = indices.clone();
+    let made = tokio::task::spawn_blocking(move || -> io::Result<Vec<Made>> {
+        let mut made: Vec<Made> = Vec::with_capacity(taken.len());
+        let mut script = String::new();
+        for &index in &taken {
+            let m = match lock(&inner2.factory).make(index) {
+                Ok(m) => m,
+                Err(e) => {
+                    for m in &made {
+                        let _ = lock(&inner2.factory).unmake(m.index);
+                    }
+                    return Err(e);
+                }
+            };
+            let slot = SlotRef {
+                index,
+                address: slot::addresses(inner2.cfg.pool, index).1,
+                mark: inner2.mark_base | index,
+            };
+            script.push_str(
+                &inner2
+                    .nft
+                    .slot_script(&slot, inner2.dns_port, inner2.proxy_port),
+            );
+            made.push(m);
+        }
         if let Err(e) = nft::run(&script) {
-            let _ = lock(&inner2.factory).unmake(index);
-            let _ = nft::run(&inner2.nft.remove_script(&slot));
+            let mut undo = String::new();
+            for m in &made {
+                let _ = lock(&inner2.factory).unmake(m.index);
+                undo.push_str(&inner2.nft.remove_script(&SlotRef {
+                    index: m.index,
+                    address: slot::addresses(inner2.cfg.pool, m.index).1,
+                    mark: inner2.mark_base | m.index,
+                }));
+            }
+            let _ = nft::run(&undo);
             return Err(e);
         }
         Ok(made)
     })
     .await
     .map_err(join_error)
-    .and_then(|r| r.ctx(|| format!("make network slot {index}")));
-    if made.is_err() {
-        lock(&inner.indices).give_back(index);
-    } else {
-        tracing::debug!(
-            index,
+    .and_then(|r| r.ctx(|| format!("make network slots {indices:?}")));
+    match &made {
+        Err(_) => {
+            let mut ix = lock(&inner.indices);
+            for i in indices {
+                ix.give_back(i);
+            }
+        }
+        Ok(m) => tracing::debug!(
+            count = m.len(),
             ms = started.elapsed().as_secs_f64() * 1e3,
-            "network slot made"
-        );
+            "network slots made"
+        ),
     }
     made
 }
@@ -790,11 +870,18 @@ async fn refill_loop(weak: std::sync::Weak<Inner>, notify: Arc<Notify>) {
         notified.as_mut().enable();
         {
             let Some(inner) = weak.upgrade() else { return };
-            while lock(&inner.ready).len() < inner.cfg.ready_slots {
-                match make_slot(&inner).await {
-                    Ok(m) => lock(&inner.ready).push_back(m),
+            loop {
+                let missing = inner
+                    .cfg
+                    .ready_slots
+                    .saturating_sub(lock(&inner.ready).len());
+                if missing == 0 {
+                    break;
+                }
+                match make_slots(&inner, missing).await {
+                    Ok(m) => lock(&inner.ready).extend(m),
                     Err(e) => {
-                        tracing::warn!(error = %e, "making a ready network slot");
+                        tracing::warn!(error = %e, "making ready network slots");
                         break;
                     }
                 }
