@@ -131,7 +131,8 @@ table inet {t} {{
     chain input {{
         type filter hook input priority filter; policy accept;
         iifname "{p}*" jump from_sandbox
-        meta l4proto {{ tcp, udp }} th dport {{ {dns}, {proxy} }} drop
+        iifname != "lo" tcp dport {{ {dns}, {proxy} }} drop
+        iifname != "lo" udp dport {dns} drop
     }}
     chain from_sandbox {{
         meta nfproto ipv6 drop
