@@ -50,6 +50,7 @@ pub fn router(manager: Manager) -> Router {
         .route("/sandboxes/{id}/network", put(network::update))
         .route("/sandboxes/{id}/connect", post(connect_v1))
         .route("/v2/sandboxes/{id}/connect", post(connect_v2))
+        .route(soulbox_wire::rest::POOLS_PATH, get(pools))
         .merge(templates::authenticated())
         .route_layer(middleware::from_fn_with_state(
             manager.clone(),
@@ -116,6 +117,29 @@ fn api_key(headers: &HeaderMap) -> Option<&str> {
 
 async fn health() -> &'static str {
     "OK"
+}
+
+/// `GET /soulbox/pools`: the warm pools (SoulBox's own; no E2B SDK calls it).
+async fn pools(State(manager): State<Manager>) -> Response {
+    let pools: Vec<soulbox_wire::rest::WarmPool> = manager
+        .pool_status()
+        .into_iter()
+        .map(|p| soulbox_wire::rest::WarmPool {
+            template: p.template,
+            template_id: p.template_id,
+            build_id: p.build_id,
+            idle: p.idle,
+            starting: p.starting,
+            target: p.target,
+            min: p.min,
+            max: p.max,
+            hits: p.hits,
+            misses: p.misses,
+            lost: p.lost,
+            failures: p.failures,
+        })
+        .collect();
+    axum::Json(pools).into_response()
 }
 
 async fn not_found() -> ApiError {

@@ -63,6 +63,27 @@ pub struct ServeArgs {
     /// TLS-intercepting proxy the host trusts; `none` gives them only the template's own.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_BUILD_CA_BUNDLE)]
     pub build_ca_bundle: String,
+    /// Keep a template warm: `TEMPLATE=MIN[..MAX]` idle sandboxes made ahead, growing from MIN
+    /// to MAX with the recent create rate (repeatable; `TEMPLATE=0` turns a default off).
+    /// Pools of templates that are not built yet start when they are.
+    #[arg(
+        long = "pool",
+        value_name = "TEMPLATE=MIN[..MAX]",
+        default_values = ["base=2..16", "code-interpreter-v1=1..4"]
+    )]
+    pub pools: Vec<soulbox_core::PoolSize>,
+    /// Largest warm pool of any other template a client creates from (made after its first
+    /// create, gone after a minute without one); 0 makes them cold every time.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub pool_others: usize,
+    /// Memory (MiB of MemAvailable) the host keeps: below it creates fail with 503 before
+    /// anything is made, below twice it pools stop making sandboxes. Default: the larger of
+    /// 256 MiB and 1/32 of the host's memory.
+    #[arg(long, value_name = "MIB")]
+    pub reserve_memory_mb: Option<u64>,
+    /// Free process slots (pid_max / threads-max minus tasks) the host keeps, likewise.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub reserve_tasks: u64,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -155,6 +176,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             data_dir: Some(data.to_owned()),
             network,
             build_ca_bundle: build_ca_bundle(&args.build_ca_bundle),
+            pool: soulbox_core::PoolConfig {
+                templates: args.pools.clone(),
+                others_max: args.pool_others,
+                reserve: soulbox_core::HostReserve {
+                    memory_mb: args.reserve_memory_mb,
+                    tasks: args.reserve_tasks,
+                },
+                ..soulbox_core::PoolConfig::default()
+            },
             ..ManagerConfig::default()
         },
         store.clone(),
@@ -211,6 +241,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         sandboxes.serve(gateway, stopped(stop_rx)),
         tls,
     );
+    manager.shutdown_pools().await;
     store.close().await;
     api_result.context("control-plane server")?;
     gateway_result.context("sandbox gateway")?;

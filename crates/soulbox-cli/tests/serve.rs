@@ -330,12 +330,22 @@ async fn failed_creates_leave_nothing_behind() {
         assert_eq!(r.status, status, "{body}: {}", r.body);
         assert_eq!(r.body["code"], status.as_u16());
     }
-    let leftovers: Vec<String> = std::fs::read_dir(server.data.join("sandboxes"))
-        .expect("sandboxes dir")
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.starts_with('.'))
-        .collect();
+    // Idle pool members are the server's own, not leftovers; members being made are waited
+    // for (the adaptive pool of `broken` keeps failing, and must leave nothing either).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let leftovers = loop {
+        let (members, starting) = api.pool_members().await;
+        let leftovers: Vec<String> = std::fs::read_dir(server.data.join("sandboxes"))
+            .expect("sandboxes dir")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.') && !members.contains(n))
+            .collect();
+        if (starting == 0 && leftovers.is_empty()) || std::time::Instant::now() > deadline {
+            break leftovers;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert!(leftovers.is_empty(), "{leftovers:?}");
     assert!(store.all_sandboxes().await.expect("rows").is_empty());
     store.close().await;

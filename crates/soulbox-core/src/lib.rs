@@ -13,6 +13,7 @@
 mod agent_client;
 mod ids;
 mod network;
+mod pool;
 mod template_exec;
 mod templates;
 
@@ -30,6 +31,7 @@ use tokio::sync::watch;
 
 pub use agent_client::AgentError;
 pub use ids::{new_access_token, new_sandbox_id};
+pub use pool::{DEMAND_WINDOW, HostReserve, PoolConfig, PoolSize, PoolStatus};
 pub use soulbox_net::EgressConfig;
 pub use templates::{
     BuildConfig, BuildLogLine, BuildSource, BuildSpec, BuildView, DEFAULT_TAG, READY_TIMEOUT,
@@ -87,6 +89,8 @@ pub struct ManagerConfig {
     /// `PIP_CERT`, `NODE_EXTRA_CA_CERTS` and the like: the host's own, so builds work behind
     /// a TLS-intercepting proxy the host trusts. Never part of a template's layers.
     pub build_ca_bundle: Option<PathBuf>,
+    /// Warm pools and the host reserve that refuses creates (see the `pool` module).
+    pub pool: PoolConfig,
 }
 
 impl Default for ManagerConfig {
@@ -97,6 +101,7 @@ impl Default for ManagerConfig {
             data_dir: None,
             network: None,
             build_ca_bundle: None,
+            pool: PoolConfig::default(),
         }
     }
 }
@@ -180,6 +185,7 @@ struct Inner {
     runtime: Runtime,
     live: RwLock<HashMap<String, Live>>,
     templates: Option<templates::State>,
+    pools: pool::Pools,
 }
 
 /// The sandbox lifecycle. Cheap to clone; clones share state.
@@ -202,6 +208,7 @@ impl Manager {
             .as_deref()
             .map(templates::State::open)
             .transpose()?;
+        let pools = pool::Pools::new(cfg.pool.clone());
         let manager = Manager {
             inner: Arc::new(Inner {
                 cfg,
@@ -209,6 +216,7 @@ impl Manager {
                 runtime,
                 live: RwLock::new(HashMap::new()),
                 templates,
+                pools,
             }),
         };
         let mut keep = HashSet::new();
@@ -257,6 +265,7 @@ impl Manager {
             }
         }
         manager.recover_templates().await?;
+        manager.start_pools();
         Ok(manager)
     }
 
@@ -278,13 +287,45 @@ impl Manager {
     }
 
     async fn create_inner(&self, req: CreateRequest) -> Result<SandboxInfo, CoreError> {
-        let inner = &self.inner;
         validate_timeout_duration(req.timeout)?;
         validate_env_vars(&req.env_vars)?;
         let template = self.resolve_template(&req.template).await?;
+        if let Some(info) = self.create_from_pool(&template, &req).await? {
+            return Ok(info);
+        }
+        self.check_host_capacity()?;
         let id = self.unused_id().await?;
+        let t0 = std::time::Instant::now();
+        let handle = self
+            .prepare(&id, &template, &req.env_vars, &req.network)
+            .await?;
+        let t_ready = t0.elapsed();
+        let created = self.finish_create(&handle, &template, &req).await;
+        match &created {
+            Ok(_) => tracing::debug!(
+                %id,
+                ready_ms = t_ready.as_secs_f64() * 1e3,
+                store_ms = (t0.elapsed() - t_ready).as_secs_f64() * 1e3,
+                "created sandbox cold"
+            ),
+            Err(_) => self.discard(&id, &handle).await,
+        }
+        created
+    }
+
+    /// Makes a sandbox of `template` ready to be handed out: runtime create in a network slot
+    /// with `network`, agent init with the template's environment plus `env_vars`, the
+    /// template's start command and ready check. Used by cold creates and for pool members.
+    /// A failure leaves nothing behind.
+    pub(crate) async fn prepare(
+        &self,
+        id: &str,
+        template: &templates::Resolved,
+        env_vars: &BTreeMap<String, String>,
+        network: &EgressConfig,
+    ) -> Result<SandboxHandle, CoreError> {
         let spec = SandboxSpec {
-            id: id.clone(),
+            id: id.to_owned(),
             layers: template.layers.clone(),
             limits: Limits {
                 cpu_count: template.config.cpu_count,
@@ -293,76 +334,99 @@ impl Manager {
                 ..Limits::default()
             },
         };
-        let t0 = std::time::Instant::now();
-        let handle = self.create_in_network(&spec, &req.network).await?;
-        let t_runtime = t0.elapsed();
+        let handle = self.create_in_network(&spec, network).await?;
         let setup = async {
-            // The template's ENV, overridden by the request's.
-            let mut env_vars = template.config.env.clone();
-            env_vars.extend(req.env_vars.clone());
-            let init = InitRequest {
-                sandbox_id: id.clone(),
-                template_id: template.name.clone(),
-                env_vars: env_vars.into_iter().collect(),
-                default_user: Some(template.config.user.clone()),
-                default_workdir: Some(template.config.workdir.clone()),
-            };
-            agent_client::init(&handle.socket_path, &init, inner.cfg.agent_timeout).await?;
-            self.start_template_processes(&handle, &template).await?;
-            let t_init = t0.elapsed();
-            let started_at = now_millis();
-            let end_at = started_at + to_chrono(req.timeout)?;
-            let rec = SandboxRecord {
-                id: id.clone(),
-                template_id: template.name.clone(),
-                alias: template.alias.clone(),
-                metadata: req.metadata.clone(),
-                env_vars: req.env_vars.clone(),
-                access_token: req.secure.then(new_access_token),
-                started_at,
-                end_at,
-                cpu_count: template.config.cpu_count,
-                memory_mb: template.config.memory_mb,
-                disk_mb: template.config.disk_mb,
-                handle: serde_json::to_string(&handle)
-                    .map_err(|e| CoreError::Internal(format!("encoding handle: {e}")))?,
-                state: SandboxState::Running,
-            };
-            inner.store.insert_sandbox(&rec).await?;
-            if let Some(build) = &template.build_id {
-                inner.store.set_sandbox_build(&id, build).await?;
-            }
-            tracing::debug!(
-                %id,
-                runtime_ms = t_runtime.as_secs_f64() * 1e3,
-                init_ms = (t_init - t_runtime).as_secs_f64() * 1e3,
-                store_ms = (t0.elapsed() - t_init).as_secs_f64() * 1e3,
-                "created sandbox"
-            );
-            if let Err(e) = self.track(&rec, handle.clone()) {
-                inner.store.delete_sandbox(&id).await?;
-                return Err(e);
-            }
-            let mut info = info_from(rec);
-            info.network = self.network_config(&id);
-            Ok(info)
+            let init = self.init_request(id, template, env_vars);
+            agent_client::init(&handle.socket_path, &init, self.inner.cfg.agent_timeout).await?;
+            self.start_template_processes(&handle, template).await
         }
         .await;
-        if setup.is_err() {
-            self.untrack(&id);
-            if let Err(e) = inner.runtime.destroy(&handle).await {
-                tracing::error!(%id, error = %e, "destroying a sandbox whose create failed");
+        match setup {
+            Ok(()) => Ok(handle),
+            Err(e) => {
+                self.discard(id, &handle).await;
+                Err(e)
             }
-            self.release_network(&id).await;
         }
-        setup
     }
 
-    /// A fresh id that no sandbox (live or recorded) has.
+    /// The agent init of a sandbox of `template`: the template's ENV overridden by `env_vars`.
+    pub(crate) fn init_request(
+        &self,
+        id: &str,
+        template: &templates::Resolved,
+        env_vars: &BTreeMap<String, String>,
+    ) -> InitRequest {
+        let mut env = template.config.env.clone();
+        env.extend(env_vars.clone());
+        InitRequest {
+            sandbox_id: id.to_owned(),
+            template_id: template.name.clone(),
+            env_vars: env.into_iter().collect(),
+            default_user: Some(template.config.user.clone()),
+            default_workdir: Some(template.config.workdir.clone()),
+        }
+    }
+
+    /// Records a ready sandbox as `req`'s (row with metadata, access token and timeout) and
+    /// makes it live (route and watcher). On failure the caller destroys it.
+    pub(crate) async fn finish_create(
+        &self,
+        handle: &SandboxHandle,
+        template: &templates::Resolved,
+        req: &CreateRequest,
+    ) -> Result<SandboxInfo, CoreError> {
+        let inner = &self.inner;
+        let id = &handle.id;
+        let started_at = now_millis();
+        let end_at = started_at + to_chrono(req.timeout)?;
+        let rec = SandboxRecord {
+            id: id.clone(),
+            template_id: template.name.clone(),
+            alias: template.alias.clone(),
+            metadata: req.metadata.clone(),
+            env_vars: req.env_vars.clone(),
+            access_token: req.secure.then(new_access_token),
+            started_at,
+            end_at,
+            cpu_count: template.config.cpu_count,
+            memory_mb: template.config.memory_mb,
+            disk_mb: template.config.disk_mb,
+            handle: serde_json::to_string(handle)
+                .map_err(|e| CoreError::Internal(format!("encoding handle: {e}")))?,
+            state: SandboxState::Running,
+        };
+        inner.store.insert_sandbox(&rec).await?;
+        if let Some(build) = &template.build_id
+            && let Err(e) = inner.store.set_sandbox_build(id, build).await
+        {
+            inner.store.delete_sandbox(id).await?;
+            return Err(e.into());
+        }
+        if let Err(e) = self.track(&rec, handle.clone()) {
+            inner.store.delete_sandbox(id).await?;
+            return Err(e);
+        }
+        let mut info = info_from(rec);
+        info.network = self.network_config(id);
+        Ok(info)
+    }
+
+    /// Destroys a sandbox that never became (or stopped being) a client's: route, processes,
+    /// runtime state, network slot. Failures are logged.
+    pub(crate) async fn discard(&self, id: &str, handle: &SandboxHandle) {
+        self.untrack(id);
+        if let Err(e) = self.inner.runtime.destroy(handle).await {
+            tracing::error!(%id, error = %e, "destroying a sandbox whose create failed");
+        }
+        self.release_network(id).await;
+    }
+
+    /// A fresh id that no sandbox (live, recorded or pool member) has.
     async fn unused_id(&self) -> Result<String, CoreError> {
         loop {
             let id = new_sandbox_id();
-            let live = self.read_live().contains_key(&id);
+            let live = self.read_live().contains_key(&id) || self.inner.pools.has_id(&id);
             if !live && self.inner.store.get_sandbox(&id).await?.is_none() {
                 return Ok(id);
             }

@@ -1587,7 +1587,9 @@ impl Manager {
         let _slot = state.slot.acquire().await.map_err(internal)?;
         let store = &self.inner.store;
         let tagged: HashSet<String> = store.tagged_builds().await?.into_iter().collect();
-        let in_use: HashSet<String> = store.builds_in_use().await?.into_iter().collect();
+        let mut in_use: HashSet<String> = store.builds_in_use().await?.into_iter().collect();
+        // Pool members run on builds no sandbox row names yet.
+        in_use.extend(self.inner.pools.builds());
         let mut keep = HashSet::new();
         for b in store.all_builds().await? {
             if b.status != BuildStatus::Ready {

@@ -259,12 +259,18 @@ impl Store {
         row.map(SandboxRecord::try_from).transpose()
     }
 
-    /// Deletes the row; `false` when there was none.
+    /// Deletes the row and the record of the build it ran on; `false` when there was none.
     pub async fn delete_sandbox(&self, id: &str) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
         let done = sqlx::query("DELETE FROM sandboxes WHERE id = ?")
             .bind(id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        sqlx::query("DELETE FROM sandbox_builds WHERE sandbox_id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         Ok(done.rows_affected() > 0)
     }
 

@@ -223,6 +223,37 @@ pub struct GatewayError {
     pub code: u16,
 }
 
+/// Path of SoulBox's own (not E2B's) warm-pool report: `GET` → `[WarmPool]`.
+pub const POOLS_PATH: &str = "/soulbox/pools";
+
+/// One warm pool: what it holds and how it served creates (diagnostics, leak checks and the
+/// benchmark; members are never listed as sandboxes).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct WarmPool {
+    /// The template reference the pool keeps warm (as clients name it).
+    pub template: String,
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    #[serde(rename = "buildID")]
+    pub build_id: Option<String>,
+    /// Ids of the idle members.
+    pub idle: Vec<String>,
+    /// Members being made.
+    pub starting: usize,
+    /// Idle members it aims for now (between `min` and `max`, following the create rate).
+    pub target: usize,
+    pub min: usize,
+    pub max: usize,
+    /// Creates served by a member, and creates that found none (made cold).
+    pub hits: u64,
+    pub misses: u64,
+    /// Members that died while idle or failed their claim.
+    pub lost: u64,
+    /// Consecutive failed births.
+    pub failures: u32,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -214,6 +214,12 @@ impl Drop for Server {
             }
         }
         self.stop(libc::SIGTERM);
+        // The server keeps its nftables table for the sandboxes of its next start; this one has
+        // none, and a stale table would keep filtering the ports its resolver and proxy had.
+        let _ = std::process::Command::new("nft")
+            .args(["delete", "table", "inet", &self.cgroup])
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -265,6 +271,22 @@ impl Api {
     pub async fn get(&self, id: &str) -> Reply {
         self.call(Method::GET, &format!("/sandboxes/{id}"), None)
             .await
+    }
+
+    /// `GET /soulbox/pools`.
+    pub async fn pools(&self) -> Vec<soulbox_wire::rest::WarmPool> {
+        let r = self
+            .call(Method::GET, soulbox_wire::rest::POOLS_PATH, None)
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        serde_json::from_value(r.body).expect("pool report")
+    }
+
+    /// Ids of every idle pool member, and how many members are being made.
+    pub async fn pool_members(&self) -> (std::collections::HashSet<String>, usize) {
+        let pools = self.pools().await;
+        let idle = pools.iter().flat_map(|p| p.idle.iter().cloned()).collect();
+        (idle, pools.iter().map(|p| p.starting).sum())
     }
 }
 
