@@ -55,8 +55,8 @@ pub struct ServeArgs {
     pub cgroup_name: Option<String>,
     /// Size in MiB of the sparse btrfs image (`$DATA/sandboxes.img`) that holds every
     /// sandbox's writable layer and enforces its disk limit (`diskSizeMB`); 0 runs without
-    /// disk limits. Used when the image is made (first start); the default is the free space
-    /// of the data dir's filesystem minus a tenth of its size.
+    /// disk limits. Used when the image is made (first start); the default is half the free
+    /// space of the data dir's filesystem.
     #[arg(long, value_name = "MIB")]
     pub disk_image_mb: Option<u64>,
     /// CA bundle (PEM) that template build steps trust, so `RUN pip/npm/curl` work behind a
@@ -164,12 +164,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
     })
     .context("starting the sandbox runtime")?;
+    let domain_mode = args.domain.prepare(data).await?;
     let net_name = match &args.cgroup_name {
         Some(name) => name.clone(),
         None => cgroup_name(data)?,
     };
     let network = net::start(&args.net, data, &net_name).await?;
-    let domain_mode = args.domain.prepare(data).await?;
     let manager = Manager::start(
         ManagerConfig {
             domain: domain_mode.as_ref().map(|d| d.advertised.clone()),
@@ -361,26 +361,22 @@ fn prepare_disk_limits(state_dir: &Path, image: &Path, size_mb: Option<u64>) -> 
     Ok(())
 }
 
-/// The image's default size: the free space of `dir`'s filesystem minus a tenth of its size
-/// (the image is sparse, so it takes what sandboxes write, but were it larger than the host's
-/// free space, a full host disk would turn into I/O errors inside sandboxes).
+/// The image's default size: half the free space of `dir`'s filesystem. The image is sparse,
+/// so it takes only what sandboxes write, but were it larger than the host's free space, a full
+/// host disk would turn into I/O errors inside sandboxes; half leaves the host room to grow.
 fn default_disk_image_mb(dir: &Path) -> anyhow::Result<u64> {
     let fs =
         nix::sys::statvfs::statvfs(dir).with_context(|| format!("statvfs {}", dir.display()))?;
-    let block = fs.fragment_size();
-    let free = fs.blocks_available().saturating_mul(block);
-    let reserve = fs.blocks().saturating_mul(block) / 10;
-    let mb = free.saturating_sub(reserve) >> 20;
-    if mb < MIN_DISK_IMAGE_MB {
+    let free_mb = fs.blocks_available().saturating_mul(fs.fragment_size()) >> 20;
+    if free_mb / 2 < MIN_DISK_IMAGE_MB {
         bail!(
-            "only {} MiB free on the filesystem of {} (keeping a tenth of it free): not enough \
-             for the sandboxes' disk image; free some space, pass --disk-image-mb, or 0 to run \
-             without disk limits",
-            free >> 20,
+            "only {free_mb} MiB free on the filesystem of {}: not enough for the sandboxes' disk \
+             image (half of it, at least {MIN_DISK_IMAGE_MB} MiB); free some space, pass \
+             --disk-image-mb, or 0 to run without disk limits",
             dir.display()
         );
     }
-    Ok(mb)
+    Ok(free_mb / 2)
 }
 
 /// Copies the running binary to `$DATA/bin/soulbox`, the agent every new sandbox runs.

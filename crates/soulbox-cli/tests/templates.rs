@@ -133,7 +133,7 @@ async fn bad_builds_fail_clearly_and_register_nothing() {
     let ctx = tmp.path().join("ctx");
     std::fs::create_dir_all(&ctx).expect("mkdir");
     std::fs::write(tmp.path().join("outside.txt"), "x").expect("write");
-    let cases: [(&str, &str); 5] = [
+    let cases: [(&str, &str); 6] = [
         (
             "FROM base\nRUN true\nHEALTHCHECK CMD true\n",
             "line 3: unsupported instruction HEALTHCHECK",
@@ -146,6 +146,11 @@ async fn bad_builds_fail_clearly_and_register_nothing() {
         (
             "FROM base\nCOPY ../outside.txt /x\n",
             "line 2: COPY source '../outside.txt' is outside the build context",
+        ),
+        // Checked at the end of the build: its start command cannot run (no such user).
+        (
+            "FROM base\nUSER ghost\nCMD [\"sleep\", \"infinity\"]\n",
+            "a sandbox of the new template does not start",
         ),
         (
             "FROM base\nRUN echo step-output && exit 7\n",

@@ -1030,7 +1030,7 @@ impl Manager {
             v.ready_cmd = Some(ready.clone());
         }
         let label_num = |k: &str| v.labels.get(k).and_then(|s| s.parse::<u64>().ok());
-        Ok(BuildConfig {
+        let config = BuildConfig {
             cpu_count: def
                 .cpu_count
                 .or(label_num("soulbox.cpu").and_then(|n| u32::try_from(n).ok()))
@@ -1051,7 +1051,95 @@ impl Manager {
             start_cmd: v.start_cmd,
             ready_cmd: v.ready_cmd,
             cache_key: v.key,
-        })
+        };
+        if config.start_cmd.is_some() || config.ready_cmd.is_some() {
+            self.check_start(&config, log).await?;
+        }
+        Ok(config)
+    }
+
+    /// Makes a sandbox of the finished build as a create would (its resources, environment,
+    /// user, start command and ready check), then destroys it: a template whose sandboxes
+    /// could never become ready fails its build instead of every create.
+    async fn check_start(&self, config: &BuildConfig, log: &BuildLog) -> Result<(), StepError> {
+        const STEP: &str = "start";
+        let fail = |m: String| StepError::new(Some(STEP), m);
+        log.push(
+            "info",
+            Some(STEP),
+            "Checking the start command and ready check in a sandbox of the new template",
+        );
+        let template = Resolved {
+            name: "build".into(),
+            alias: None,
+            build_id: None,
+            layers: self
+                .layer_paths(&config.layers)
+                .map_err(|e| fail(e.to_string()))?,
+            config: config.clone(),
+        };
+        let spec = SandboxSpec {
+            id: new_sandbox_id(),
+            layers: template.layers.clone(),
+            limits: Limits {
+                cpu_count: config.cpu_count,
+                memory_mb: config.memory_mb,
+                disk_mb: config.disk_mb,
+                ..Limits::default()
+            },
+        };
+        let started = Instant::now();
+        let handle = self.create_build_sandbox(&spec).await.map_err(fail)?;
+        let outcome = async {
+            let init = InitRequest {
+                sandbox_id: spec.id.clone(),
+                template_id: template.name.clone(),
+                env_vars: config.env.clone().into_iter().collect(),
+                default_user: Some(config.user.clone()),
+                default_workdir: Some(config.workdir.clone()),
+            };
+            agent_client::init(&handle.socket_path, &init, self.inner.cfg.agent_timeout)
+                .await
+                .map_err(|e| fail(format!("sandbox agent: {e}")))?;
+            self.start_template_processes(&handle, &template)
+                .await
+                .map_err(|e| fail(format!("a sandbox of the new template does not start: {e}")))
+        }
+        .await;
+        self.destroy_build_sandbox(&spec.id, &handle).await;
+        if outcome.is_ok() {
+            log.push(
+                "info",
+                Some(STEP),
+                format!("ready after {:.1}s", started.elapsed().as_secs_f64()),
+            );
+        }
+        outcome
+    }
+
+    /// A sandbox for a build step or check, in a network slot with the default egress policy:
+    /// the internet, not the host, other sandboxes, metadata or private ranges
+    /// (docs/networking.md), so `RUN` can fetch packages. A failure leaves nothing behind.
+    async fn create_build_sandbox(&self, spec: &SandboxSpec) -> Result<SandboxHandle, String> {
+        let attach = self
+            .attach_network(&spec.id, &soulbox_net::EgressConfig::default())
+            .await
+            .map_err(|e| format!("build sandbox network: {e}"))?;
+        match self.inner.runtime.create_with_network(spec, attach).await {
+            Ok(h) => Ok(h),
+            Err(e) => {
+                self.release_network(&spec.id).await;
+                Err(format!("build sandbox: {e}"))
+            }
+        }
+    }
+
+    /// Destroys a sandbox of [`Manager::create_build_sandbox`] and releases its slot.
+    async fn destroy_build_sandbox(&self, id: &str, handle: &SandboxHandle) {
+        if let Err(e) = self.inner.runtime.destroy(handle).await {
+            tracing::error!(%id, error = %e, "destroying a build sandbox");
+        }
+        self.release_network(id).await;
     }
 
     async fn start_from(&self, base: &Base, log: &BuildLog) -> Result<Vars, StepError> {
@@ -1371,19 +1459,7 @@ impl Manager {
             layers: layers.to_vec(),
             limits: BUILD_LIMITS,
         };
-        // The default egress policy: the internet, not the host, other sandboxes, metadata
-        // or private ranges (docs/networking.md), so RUN can fetch packages.
-        let attach = self
-            .attach_network(&spec.id, &soulbox_net::EgressConfig::default())
-            .await
-            .map_err(|e| fail(format!("build sandbox network: {e}")))?;
-        let handle = match runtime.create_with_network(&spec, attach).await {
-            Ok(h) => h,
-            Err(e) => {
-                self.release_network(&spec.id).await;
-                return Err(fail(format!("build sandbox: {e}")));
-            }
-        };
+        let handle = self.create_build_sandbox(&spec).await.map_err(fail)?;
         let outcome = async {
             let init = InitRequest {
                 sandbox_id: spec.id.clone(),
@@ -1451,10 +1527,7 @@ impl Manager {
             Ok(layer.map(|l| l.digest))
         }
         .await;
-        if let Err(e) = runtime.destroy(&handle).await {
-            tracing::error!(id = %spec.id, error = %e, "destroying a build sandbox");
-        }
-        self.release_network(&spec.id).await;
+        self.destroy_build_sandbox(&spec.id, &handle).await;
         outcome
     }
 
