@@ -28,6 +28,9 @@ PATTERN = bytes(range(256))
 
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Head and body go out in separate writes: without this, Nagle holds the body back until
+    # the client's delayed ACK (~40 ms per response).
+    disable_nagle_algorithm = True
 
     def log_message(self, *args):
         return
