@@ -565,7 +565,7 @@ async fn upload_inner(agent: &Agent, req: Request<Incoming>) -> Result<Vec<Writt
             ));
         }
     };
-    let body = req
+    let mut body = req
         .into_body()
         .into_data_stream()
         .map_err(std::io::Error::other);
@@ -583,7 +583,7 @@ async fn upload_inner(agent: &Agent, req: Request<Incoming>) -> Result<Vec<Writt
                 format!("invalid multipart request: {e}"),
             )
         })?;
-        let mut multipart = multer::Multipart::new(body, boundary);
+        let mut multipart = multer::Multipart::new(&mut body, boundary);
         let mut seen = HashSet::new();
         let mut written = Vec::new();
         loop {
@@ -619,6 +619,8 @@ async fn upload_inner(agent: &Agent, req: Request<Incoming>) -> Result<Vec<Writt
             let data = field.map_err(std::io::Error::other);
             written.push(write_file(path, &user, metadata.as_ref(), data).await?);
         }
+        drop(multipart);
+        drain_epilogue(&mut body).await;
         return Ok(written);
     }
     if essence != "application/octet-stream" {
@@ -647,6 +649,25 @@ async fn upload_inner(agent: &Agent, req: Request<Incoming>) -> Result<Vec<Writt
         write_file(path, &user, metadata.as_ref(), body).await?
     };
     Ok(vec![written])
+}
+
+/// Reads what follows a multipart body's closing boundary (clients end it with a CRLF, some in
+/// a write of its own). Answering with request bytes unread makes hyper close the connection,
+/// and a proxy still writing them then gets EPIPE instead of the answer.
+async fn drain_epilogue<S>(body: &mut S)
+where
+    S: Stream<Item = std::io::Result<Bytes>> + Unpin,
+{
+    /// More than any epilogue: past it the client is sending something else; let hyper close.
+    const MAX: usize = 64 * 1024;
+    let mut read = 0;
+    while let Ok(Some(Ok(chunk))) = tokio::time::timeout(Duration::from_secs(5), body.next()).await
+    {
+        read += chunk.len();
+        if read > MAX {
+            break;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -284,3 +284,48 @@ async fn full_disk_is_507() {
     assert_eq!(json(&body)["code"], 507);
     std::fs::remove_dir_all(d).unwrap();
 }
+
+#[tokio::test]
+async fn connection_is_reusable_after_a_multipart_epilogue_sent_late() {
+    // Clients end a multipart body with a CRLF after the closing boundary, some in a write of
+    // its own. Answering before reading it made the agent close the connection, and the
+    // gateway, still writing it, got EPIPE instead of the answer.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = scratch();
+    let target = dir.join("late-epilogue.txt");
+    let (ctype, body) = multipart(&[(target.to_str().unwrap(), b"late")]);
+    let (head_body, epilogue) = body.split_at(body.len() - 2);
+    let mut conn = tokio::net::TcpStream::connect(common::addr())
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /files HTTP/1.1\r\nhost: x\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(head_body).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    conn.write_all(epilogue).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !seen.ends_with(b"]") {
+        let n = conn.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        seen.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+    assert_eq!(std::fs::read(&target).unwrap(), b"late");
+    conn.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let n = conn.read(&mut buf).await.unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 204"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+}

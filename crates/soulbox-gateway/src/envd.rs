@@ -165,23 +165,42 @@ async fn forward(
     };
     let body = prebuffer(body).await.into_http_body();
     match agents.request(Request::from_parts(parts, body)).await {
+        Err(e) if e.is_connect() => {
+            tracing::debug!(id = %route.sandbox_id, error = %error_chain(&e), "agent socket");
+            reply::not_found(&route.sandbox_id)
+        }
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             Response::from_parts(parts, body.map_err(Into::into).boxed_unsync())
         }
         Err(e) => {
-            tracing::debug!(id = %route.sandbox_id, error = %e, "proxying to the agent");
-            // Nothing listens on the socket any more, or the sandbox is gone by now.
-            if e.is_connect() || manager.route(&route.sandbox_id).is_none() {
+            let e = error_chain(&e);
+            // The sandbox is gone by now.
+            if manager.route(&route.sandbox_id).is_none() {
+                tracing::debug!(id = %route.sandbox_id, error = %e, "proxying to the agent");
                 return reply::not_found(&route.sandbox_id);
             }
+            tracing::warn!(id = %route.sandbox_id, error = %e, "proxying to the agent");
             envd_error(
                 StatusCode::BAD_GATEWAY,
                 &format!("error talking to the sandbox's agent: {e}"),
             )
         }
     }
+}
+
+/// An error and its sources, `: `-separated: hyper's own message ("client error
+/// (SendRequest)") does not say what went wrong.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        next = s.source();
+    }
+    out
 }
 
 /// A request body as forwarded.
