@@ -1,6 +1,7 @@
 //! The `soulbox` binary: `serve`, the CLI, and `agent` (PID 1 inside every sandbox).
 
 mod agent;
+mod bench;
 mod domain;
 mod interpreter;
 mod sandbox;
@@ -33,6 +34,8 @@ enum Command {
     Interpreter(interpreter::InterpreterArgs),
     /// Build and manage templates on a running server.
     Template(template::TemplateArgs),
+    /// Measure a running server: latency, idle density, and peers side by side.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,5 +46,6 @@ fn main() -> anyhow::Result<()> {
         Command::Sandbox(args) => sandbox::run(args),
         Command::Interpreter(args) => interpreter::run(args),
         Command::Template(args) => template::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }

@@ -23,6 +23,24 @@ use soulbox_wire::envd::process::{
     self as pb, ProcessInput, ProcessSelector, process_input, process_selector,
 };
 
+/// `/files` with its `path` and `username` query parameters.
+fn files_path(path: &str, user: Option<&str>) -> String {
+    let enc = |s: &str| percent_encoding::utf8_percent_encode(s, FILES_QUERY).to_string();
+    let mut q = format!("/files?path={}", enc(path));
+    if let Some(user) = user {
+        q.push_str(&format!("&username={}", enc(user)));
+    }
+    q
+}
+
+/// What must be escaped in a query parameter value.
+const FILES_QUERY: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'/')
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
 /// envd's port, sent as `E2b-Sandbox-Port`.
 pub const ENVD_PORT: u16 = 49983;
 /// Largest unary response or stream message accepted.
@@ -166,6 +184,55 @@ impl EnvdClient {
         }
         let body = read_limited(resp.into_body()).await?;
         Err(ConnectError::from_unary_response(status.as_u16(), &body).into())
+    }
+
+    /// `POST /files?path=…&username=…`: writes `data` to `path` as one multipart part named
+    /// `file`, the way the SDKs' `files.write` does.
+    pub async fn write_file(
+        &self,
+        path: &str,
+        data: Bytes,
+        user: Option<&str>,
+    ) -> Result<(), EnvdError> {
+        const BOUNDARY: &str = "soulbox-client-boundary-8d1e4f";
+        let mut body = Vec::with_capacity(data.len() + 256);
+        body.extend_from_slice(
+            format!(
+                "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"file\"\r\n\
+                 Content-Type: application/octet-stream\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(&data);
+        body.extend_from_slice(format!("\r\n--{BOUNDARY}--\r\n").as_bytes());
+        let req = self
+            .request(Method::POST, &files_path(path, user), None)
+            .header(
+                header::CONTENT_TYPE,
+                format!("multipart/form-data; boundary={BOUNDARY}"),
+            )
+            .body(Full::new(Bytes::from(body)))?;
+        let resp = self.send(req).await?;
+        let status = resp.status();
+        let body = read_limited(resp.into_body()).await?;
+        if !status.is_success() {
+            return Err(ConnectError::from_unary_response(status.as_u16(), &body).into());
+        }
+        Ok(())
+    }
+
+    /// `GET /files?path=…&username=…`: the file's content.
+    pub async fn read_file(&self, path: &str, user: Option<&str>) -> Result<Bytes, EnvdError> {
+        let req = self
+            .request(Method::GET, &files_path(path, user), None)
+            .body(Full::new(Bytes::new()))?;
+        let resp = self.send(req).await?;
+        let status = resp.status();
+        let body = read_limited(resp.into_body()).await?;
+        if !status.is_success() {
+            return Err(ConnectError::from_unary_response(status.as_u16(), &body).into());
+        }
+        Ok(body)
     }
 
     /// A unary RPC, e.g. `path` = `/process.Process/List`.
