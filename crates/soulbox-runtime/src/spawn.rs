@@ -11,7 +11,8 @@
 //!
 //! 1. `setsid` — own session: nothing of the server's terminal or process group reaches it.
 //! 2. Reset every signal disposition to default (the server's handlers must not run here);
-//!    set RLIMIT_NOFILE.
+//!    raise RLIMIT_NOFILE for the setup (the inherited descriptor table can be larger than the
+//!    sandbox's limit; step 7 sets that, once nothing more is opened).
 //! 3. Move itself into its cgroups (writes `0` to each `cgroup.procs`), then unshare a cgroup
 //!    namespace rooted there: limits apply before it runs anything.
 //! 4. Hostname = sandbox id; join the pre-made network namespace if one was given; bring `lo` up (one ioctl: no helper process, no netlink); let
@@ -24,8 +25,8 @@
 //!    belong to the host user namespace and sandbox root has no capability over them. Drop
 //!    the bounding set to [`KEPT_CAPS`].
 //! 7. stdin/stdout/stderr = `/dev/null` (the host's, opened beforehand), the agent's listening
-//!    socket = fd 3, every other descriptor close-on-exec; install the seccomp filter
-//!    (`crate::seccomp`); unblock signals; exec the agent.
+//!    socket = fd 3, every other descriptor close-on-exec; RLIMIT_NOFILE soft 1024, hard the
+//!    limit; install the seccomp filter (`crate::seccomp`); unblock signals; exec the agent.
 //!
 //! No `no_new_privs`: templates give `user` passwordless `sudo`, a setuid binary, and E2B
 //! users rely on it. What setuid can reach is sandbox root, which is itself unprivileged on
@@ -263,7 +264,7 @@ fn setup_and_exec(s: &Shared<'_>) -> Result<Infallible, Failed> {
     setsid().map_err(at(step::SETSID))?;
     reset_signal_handlers();
     // While still host root: raising a hard limit needs CAP_SYS_RESOURCE on the host.
-    set_nofile(s.nofile).map_err(|e| (step::RLIMITS, e))?;
+    raise_nofile(s.nofile).map_err(|e| (step::RLIMITS, e))?;
 
     for &procs in s.procs {
         rustix::io::write(fd(procs), b"0").map_err(at(step::JOIN_CGROUP))?;
@@ -314,6 +315,7 @@ fn setup_and_exec(s: &Shared<'_>) -> Result<Infallible, Failed> {
     }
     dup2(s.listener, AGENT_FD).map_err(|e| (step::DESCRIPTORS, e))?;
     close_range_cloexec(AGENT_FD + 1).map_err(|e| (step::DESCRIPTORS, e))?;
+    final_nofile(s.nofile).map_err(|e| (step::RLIMITS, e))?;
 
     // Last: the filter forbids some of the calls above (setns, mount, ...).
     install_seccomp(&s.seccomp).map_err(|e| (step::SECCOMP, e))?;
@@ -378,37 +380,51 @@ fn drop_capabilities() -> Result<(), i32> {
     Ok(())
 }
 
-/// RLIMIT_NOFILE: soft 1024 (what `select`-based code and most distributions expect), hard
-/// `nofile` (programs that want more raise their soft limit themselves). A server without
-/// CAP_SYS_RESOURCE (some container hosts drop it) cannot raise a hard limit, so then the hard
-/// limit is capped at its own.
-fn set_nofile(nofile: u64) -> Result<(), i32> {
-    let set = |hard: u64| {
-        let lim = libc::rlimit {
-            rlim_cur: hard.min(1024),
-            rlim_max: hard,
-        };
-        // SAFETY: setrlimit reads the struct we pass.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } < 0 {
-            Err(last_errno())
-        } else {
-            Ok(())
-        }
-    };
-    match set(nofile) {
-        Err(libc::EPERM) => {
-            let mut own = libc::rlimit {
-                rlim_cur: 0,
-                rlim_max: 0,
-            };
-            // SAFETY: getrlimit writes into the struct we pass.
-            if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut own) } < 0 {
-                return Err(last_errno());
-            }
-            set(nofile.min(own.rlim_max))
-        }
+/// Raises RLIMIT_NOFILE for the setup: soft = hard = the larger of `nofile` and the server's
+/// own hard limit. The child's descriptor table is a copy of the server's, which holds more
+/// than 1024 descriptors once it runs a few hundred sandboxes, so what the setup opens gets
+/// numbers above the sandbox's eventual limit. [`final_nofile`] sets that limit before exec.
+/// A server without CAP_SYS_RESOURCE (some container hosts drop it) cannot raise its hard
+/// limit, and then only raises the soft one to it.
+fn raise_nofile(nofile: u64) -> Result<(), i32> {
+    let own = get_nofile()?;
+    let hard = nofile.max(own.rlim_max);
+    match set_nofile(hard, hard) {
+        Err(libc::EPERM) => set_nofile(own.rlim_max, own.rlim_max),
         other => other,
     }
+}
+
+/// The sandbox's RLIMIT_NOFILE: hard `nofile` (capped at what [`raise_nofile`] could reach),
+/// soft 1024 (what `select`-based code and most distributions expect; programs that want more
+/// raise it themselves). Only lowers, so it needs no privilege.
+fn final_nofile(nofile: u64) -> Result<(), i32> {
+    let hard = nofile.min(get_nofile()?.rlim_max);
+    set_nofile(hard.min(1024), hard)
+}
+
+fn get_nofile() -> Result<libc::rlimit, i32> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } < 0 {
+        return Err(last_errno());
+    }
+    Ok(lim)
+}
+
+fn set_nofile(soft: u64, hard: u64) -> Result<(), i32> {
+    let lim = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: setrlimit reads the struct we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } < 0 {
+        return Err(last_errno());
+    }
+    Ok(())
 }
 
 fn install_seccomp(prog: &libc::sock_fprog) -> Result<(), i32> {

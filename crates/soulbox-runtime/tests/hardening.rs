@@ -221,3 +221,40 @@ except OSError as e:
     assert_eq!(out, format!("{} True", libc::EMFILE));
     env.rt.destroy(&h).await.expect("destroy");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_holding_many_descriptors_still_creates() {
+    // A server with a few hundred sandboxes holds more than 1024 descriptors (netns, pidfds,
+    // sockets); the child inherits that table, so its setup must not run under the sandbox's
+    // soft limit of 1024 (it failed with EMFILE at 'set up the network namespace').
+    if !can_run() {
+        return;
+    }
+    let mut own = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct; setrlimit reads it.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut own), 0);
+        own.rlim_cur = own.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &own), 0);
+    }
+    assert!(
+        own.rlim_max >= 2048,
+        "hard RLIMIT_NOFILE {} too low",
+        own.rlim_max
+    );
+    let env = Env::new("manyfds");
+    let held: Vec<std::fs::File> = (0..1500)
+        .map(|_| std::fs::File::open("/dev/null").expect("open /dev/null"))
+        .collect();
+    let h = env
+        .rt
+        .create(&env.spec(Limits::default()))
+        .await
+        .expect("create with 1500 descriptors held");
+    assert_eq!(sh(&h, "ulimit -Sn"), "1024");
+    drop(held);
+    env.rt.destroy(&h).await.expect("destroy");
+}
