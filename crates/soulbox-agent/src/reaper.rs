@@ -9,6 +9,7 @@
 //! its reaping would race with this loop.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -29,6 +30,10 @@ struct Registry {
     /// Signalled after a spawn, to wake the thread when it had no children to wait for.
     spawned: Condvar,
 }
+
+/// Spawns so far, counted under the registry lock: tells the reaper a spawn happened between
+/// its `waitid` and its sleep.
+static SPAWNS: AtomicU64 = AtomicU64::new(0);
 
 fn registry() -> &'static Registry {
     static REGISTRY: OnceLock<Registry> = OnceLock::new();
@@ -62,6 +67,7 @@ pub fn spawn_registered<T>(
     let (value, pid) = spawn()?;
     let (tx, rx) = oneshot::channel();
     waiters.insert(pid, tx);
+    SPAWNS.fetch_add(1, Ordering::Relaxed);
     drop(waiters);
     registry().spawned.notify_one();
     Ok((value, rx))
@@ -75,6 +81,7 @@ pub fn start() {
 
 fn reap_loop() {
     loop {
+        let spawns_before = SPAWNS.load(Ordering::Relaxed);
         match waitid(Id::All, WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
             Ok(status) => {
                 if let Some(pid) = status.pid() {
@@ -84,8 +91,13 @@ fn reap_loop() {
             Err(Errno::EINTR) => {}
             Err(Errno::ECHILD) => {
                 // No children: sleep until a spawn (or, for processes that entered the
-                // namespace from outside and were re-parented to us, the next tick).
+                // namespace from outside and were re-parented to us, the next tick). A spawn
+                // since `waitid` has already notified (before we waited): look again at once
+                // instead of sleeping through its exit (that cost a command up to a second).
                 let waiters = lock();
+                if SPAWNS.load(Ordering::Relaxed) != spawns_before {
+                    continue;
+                }
                 let _ = registry()
                     .spawned
                     .wait_timeout(waiters, Duration::from_secs(1));
