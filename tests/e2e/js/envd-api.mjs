@@ -1,8 +1,8 @@
-// Drives the agent with the real E2B JS SDK: a development agent in debug mode (E2B_DEBUG=true)
-// or, with E2B_API_URL/E2B_SANDBOX_URL instead, a sandbox of a real server.
-// Run: target/debug/soulbox agent --listen 127.0.0.1:49983 &
-//      (cd /tmp/x && npm install e2b)
-//      E2B_JS=/tmp/x/node_modules/e2b/dist/index.mjs E2B_DEBUG=true E2B_API_KEY=e2b_000... node js_api.mjs
+// The envd surface (commands, PTY, files, watchers, signed URLs, a 30 MiB transfer) through the
+// real E2B JS SDK: a sandbox of a real server (E2B_API_URL/E2B_SANDBOX_URL/E2B_API_KEY; scripts/test
+// runs it with E2B_JS=e2b and e2b-2-50), or a development agent in debug mode:
+//   target/debug/soulbox agent --listen 127.0.0.1:49983 &
+//   E2B_DEBUG=true E2B_API_KEY=e2b_000... node envd-api.mjs
 import { createHash, randomBytes } from 'node:crypto'
 
 const { Sandbox, CommandExitError, FileNotFoundError, NotFoundError } = await import(process.env.E2B_JS ?? 'e2b')

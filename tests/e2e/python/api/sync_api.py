@@ -1,6 +1,6 @@
 """Drives the agent with the real E2B Python SDK (sync API).
 
-Development agent: target/debug/soulbox agent --listen 127.0.0.1:49983 &  (or sandboxed_agent.py)
+Development agent: target/debug/soulbox agent --listen 127.0.0.1:49983 &  (or crates/soulbox-agent/tests/sdk/sandboxed_agent.py)
                    E2B_DEBUG=true E2B_API_KEY=e2b_$(printf '0%.0s' {1..40}) python sync_api.py
 Real server:       E2B_API_URL=... E2B_SANDBOX_URL=... E2B_API_KEY=... python sync_api.py
 """
@@ -255,11 +255,11 @@ if supports(sbx.files.write, "metadata"):
     mi = sbx.files.get_info(f"{base}/meta.txt")
     check(mi.metadata == {"owner": "alice", "kind": "note"}, f"metadata: {mi.metadata}")
 
-# 50 MiB streamed round trip
-blob = os.urandom(1 << 20) * 50
+# 200 MiB streamed round trip
+blob = os.urandom(1 << 20) * 200
 sbx.files.write(f"{base}/big.bin", blob)
 got = sbx.files.read(f"{base}/big.bin", format="bytes")
-check(hashlib.sha256(got).digest() == hashlib.sha256(blob).digest(), "50 MiB round trip")
+check(hashlib.sha256(got).digest() == hashlib.sha256(blob).digest(), "200 MiB round trip")
 chunks = b"".join(sbx.files.read(f"{base}/big.bin", format="stream"))
 check(len(chunks) == len(blob), "stream read")
 # A file-like object is streamed (octet-stream upload on SDKs that have it).
