@@ -223,19 +223,19 @@ def sandboxes(env: Env) -> Iterator[Sandboxes]:
 
 
 @pytest.fixture(scope="session")
-def small_template(env: Env) -> str:
-    """Registers `escape-small`: the base template's layers with SMALL_DISK_MB and SMALL_MEMORY_MB."""
-    db = sqlite3.connect(env.data_dir / "soulbox.db", timeout=30)
-    try:
-        db.execute(
-            "INSERT OR REPLACE INTO templates "
-            "SELECT ?, layers, 1, ?, ?, default_user, default_workdir, created_at FROM templates WHERE name = 'base'",
-            (SMALL_TEMPLATE, SMALL_MEMORY_MB, SMALL_DISK_MB),
-        )
-        db.commit()
-        assert db.execute("SELECT count(*) FROM templates WHERE name = ?", (SMALL_TEMPLATE,)).fetchone()[0] == 1
-    finally:
-        db.close()
+def small_template(env: Env, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Builds `escape-small` as a user would: `FROM base` with SMALL_DISK_MB and SMALL_MEMORY_MB
+    (no steps, so no layers of its own: the build takes a moment)."""
+    ctx = tmp_path_factory.mktemp("escape-small")
+    (ctx / "Dockerfile").write_text(
+        f"FROM base\nLABEL soulbox.memory-mb={SMALL_MEMORY_MB} soulbox.disk-mb={SMALL_DISK_MB}\n"
+    )
+    out = subprocess.run(
+        [str(env.data_dir / "bin/soulbox"), "template", "build", "--name", SMALL_TEMPLATE, str(ctx)],
+        env={**os.environ, "E2B_API_URL": env.api_url, "E2B_API_KEY": env.api_key},
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
     return SMALL_TEMPLATE
 
 
