@@ -121,25 +121,7 @@ async fn health() -> &'static str {
 
 /// `GET /soulbox/pools`: the warm pools (SoulBox's own; no E2B SDK calls it).
 async fn pools(State(manager): State<Manager>) -> Response {
-    let pools: Vec<soulbox_wire::rest::WarmPool> = manager
-        .pool_status()
-        .into_iter()
-        .map(|p| soulbox_wire::rest::WarmPool {
-            template: p.template,
-            template_id: p.template_id,
-            build_id: p.build_id,
-            idle: p.idle,
-            starting: p.starting,
-            target: p.target,
-            min: p.min,
-            max: p.max,
-            hits: p.hits,
-            misses: p.misses,
-            lost: p.lost,
-            failures: p.failures,
-        })
-        .collect();
-    axum::Json(pools).into_response()
+    axum::Json(manager.pool_status()).into_response()
 }
 
 async fn not_found() -> ApiError {

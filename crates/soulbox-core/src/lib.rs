@@ -31,7 +31,7 @@ use tokio::sync::watch;
 
 pub use agent_client::AgentError;
 pub use ids::{new_access_token, new_sandbox_id};
-pub use pool::{DEMAND_WINDOW, HostReserve, PoolConfig, PoolSize, PoolStatus};
+pub use pool::{DEMAND_WINDOW, HostReserve, PoolConfig, PoolSize};
 pub use soulbox_net::EgressConfig;
 pub use templates::{
     BuildConfig, BuildLogLine, BuildSource, BuildSpec, BuildView, DEFAULT_TAG, READY_TIMEOUT,

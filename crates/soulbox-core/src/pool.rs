@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 
 use soulbox_net::EgressConfig;
 use soulbox_runtime::SandboxHandle;
+use soulbox_wire::rest::WarmPool;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::AbortHandle;
 
@@ -148,30 +149,6 @@ impl Default for PoolConfig {
             reserve: HostReserve::default(),
         }
     }
-}
-
-/// A pool as [`Manager::pool_status`] reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PoolStatus {
-    /// The reference the pool was made for (what clients name).
-    pub template: String,
-    /// The template id and build its members are made of.
-    pub template_id: String,
-    pub build_id: Option<String>,
-    /// Ids of the idle members.
-    pub idle: Vec<String>,
-    /// Members being made.
-    pub starting: usize,
-    pub target: usize,
-    pub min: usize,
-    pub max: usize,
-    /// Creates served by a member / made cold since the pool exists.
-    pub hits: u64,
-    pub misses: u64,
-    /// Members that died while idle or failed their claim.
-    pub lost: u64,
-    /// Births that failed in a row (births back off meanwhile).
-    pub failures: u32,
 }
 
 /// Which build a pool's members are made of.
@@ -541,13 +518,13 @@ impl Manager {
     }
 
     /// Ids of every member and what each pool holds (diagnostics, leak checks, the bench).
-    pub fn pool_status(&self) -> Vec<PoolStatus> {
+    pub fn pool_status(&self) -> Vec<WarmPool> {
         let now = self.pools().now();
         let mut st = self.pools().lock();
-        let mut out: Vec<PoolStatus> = st
+        let mut out: Vec<WarmPool> = st
             .pools
             .values_mut()
-            .map(|p| PoolStatus {
+            .map(|p| WarmPool {
                 template: p.reference.clone(),
                 template_id: p.template.name.clone(),
                 build_id: p.template.build_id.clone(),
