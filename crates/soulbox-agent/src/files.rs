@@ -76,9 +76,9 @@ struct Query {
     username: Option<String>,
 }
 
-fn query(req: &Request<Incoming>) -> Query {
+fn query(uri: &http::Uri) -> Query {
     let mut q = Query::default();
-    for pair in req.uri().query().unwrap_or_default().split('&') {
+    for pair in uri.query().unwrap_or_default().split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let decode = |s: &str| {
             percent_encoding::percent_decode_str(&s.replace('+', " "))
@@ -225,7 +225,7 @@ pub(crate) async fn download(agent: Arc<Agent>, req: Request<Incoming>) -> Respo
 }
 
 async fn download_inner(agent: &Agent, req: &Request<Incoming>) -> Result<Response<Body>, Failure> {
-    let q = query(req);
+    let q = query(req.uri());
     let user = agent.user(q.username.as_deref()).map_err(Failure::from)?;
     let path = agent.resolve(&user, q.path.as_deref().unwrap_or_default());
     let p = path.clone();
@@ -531,27 +531,44 @@ where
 }
 
 pub(crate) async fn upload(agent: Arc<Agent>, req: Request<Incoming>) -> Response<Body> {
-    match upload_inner(&agent, req).await {
-        Ok(written) => json(
-            StatusCode::OK,
-            &serde_json::to_value(written).unwrap_or_default(),
-        ),
-        Err(f) => f.response(),
+    let (parts, body) = req.into_parts();
+    let mut body = body.into_data_stream().map_err(std::io::Error::other);
+    match upload_inner(&agent, &parts, &mut body).await {
+        Ok(written) => {
+            drain(&mut body, EPILOGUE_MAX).await;
+            json(
+                StatusCode::OK,
+                &serde_json::to_value(written).unwrap_or_default(),
+            )
+        }
+        Err(f) => {
+            // Clients (reqwest, the Python SDK's transport among them) that are still sending
+            // when the answer comes see a broken pipe instead of it: take the rest first.
+            drain(&mut body, FAILED_UPLOAD_DRAIN).await;
+            f.response()
+        }
     }
 }
 
-async fn upload_inner(agent: &Agent, req: Request<Incoming>) -> Result<Vec<Written>, Failure> {
-    let q = query(&req);
+async fn upload_inner<S>(
+    agent: &Agent,
+    req: &http::request::Parts,
+    body: &mut S,
+) -> Result<Vec<Written>, Failure>
+where
+    S: Stream<Item = std::io::Result<Bytes>> + Send + Unpin,
+{
+    let q = query(&req.uri);
     let user = agent.user(q.username.as_deref()).map_err(Failure::from)?;
-    let metadata = metadata_from_headers(req.headers())?;
+    let metadata = metadata_from_headers(&req.headers)?;
     let content_type = req
-        .headers()
+        .headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/octet-stream")
         .to_string();
     let gzipped = req
-        .headers()
+        .headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
         .map(|v| v.trim().to_ascii_lowercase());
@@ -565,10 +582,6 @@ async fn upload_inner(agent: &Agent, req: Request<Incoming>) -> Result<Vec<Writt
             ));
         }
     };
-    let mut body = req
-        .into_body()
-        .into_data_stream()
-        .map_err(std::io::Error::other);
     let essence = content_type
         .split(';')
         .next()
@@ -583,7 +596,7 @@ async fn upload_inner(agent: &Agent, req: Request<Incoming>) -> Result<Vec<Writt
                 format!("invalid multipart request: {e}"),
             )
         })?;
-        let mut multipart = multer::Multipart::new(&mut body, boundary);
+        let mut multipart = multer::Multipart::new(&mut *body, boundary);
         let mut seen = HashSet::new();
         let mut written = Vec::new();
         loop {
@@ -619,8 +632,6 @@ async fn upload_inner(agent: &Agent, req: Request<Incoming>) -> Result<Vec<Writt
             let data = field.map_err(std::io::Error::other);
             written.push(write_file(path, &user, metadata.as_ref(), data).await?);
         }
-        drop(multipart);
-        drain_epilogue(&mut body).await;
         return Ok(written);
     }
     if essence != "application/octet-stream" {
@@ -637,7 +648,8 @@ async fn upload_inner(agent: &Agent, req: Request<Incoming>) -> Result<Vec<Writt
     })?;
     let path = agent.resolve(&user, &target);
     let written = if gzipped {
-        let decoder = async_compression::tokio::bufread::GzipDecoder::new(StreamReader::new(body));
+        let decoder =
+            async_compression::tokio::bufread::GzipDecoder::new(StreamReader::new(&mut *body));
         write_file(
             path,
             &user,
@@ -646,25 +658,30 @@ async fn upload_inner(agent: &Agent, req: Request<Incoming>) -> Result<Vec<Writt
         )
         .await?
     } else {
-        write_file(path, &user, metadata.as_ref(), body).await?
+        write_file(path, &user, metadata.as_ref(), &mut *body).await?
     };
     Ok(vec![written])
 }
 
-/// Reads what follows a multipart body's closing boundary (clients end it with a CRLF, some in
-/// a write of its own). Answering with request bytes unread makes hyper close the connection,
-/// and a proxy still writing them then gets EPIPE instead of the answer.
-async fn drain_epilogue<S>(body: &mut S)
+/// After a successful upload: more than any multipart epilogue (the CRLF after the closing
+/// boundary, which some clients send in a write of its own).
+const EPILOGUE_MAX: usize = 64 * 1024;
+/// After a failed one (disk full, bad path): what is still read so that the client gets the
+/// error; a larger upload gets the error and a closed connection.
+const FAILED_UPLOAD_DRAIN: usize = 256 * 1024 * 1024;
+
+/// Reads and drops what is left of a request body, up to `max` bytes (each chunk within 5 s).
+/// Answering with request bytes unread makes hyper close the connection, and a client or proxy
+/// still writing them then gets EPIPE instead of the answer.
+async fn drain<S>(body: &mut S, max: usize)
 where
     S: Stream<Item = std::io::Result<Bytes>> + Unpin,
 {
-    /// More than any epilogue: past it the client is sending something else; let hyper close.
-    const MAX: usize = 64 * 1024;
     let mut read = 0;
     while let Ok(Some(Ok(chunk))) = tokio::time::timeout(Duration::from_secs(5), body.next()).await
     {
         read += chunk.len();
-        if read > MAX {
+        if read > max {
             break;
         }
     }

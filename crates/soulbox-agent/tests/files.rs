@@ -329,3 +329,37 @@ async fn connection_is_reusable_after_a_multipart_epilogue_sent_late() {
         String::from_utf8_lossy(&buf[..n])
     );
 }
+
+#[tokio::test]
+async fn a_failed_upload_is_answered_after_its_body() {
+    // An upload that fails at once (here: a directory as the target) used to be answered
+    // before its body was read; the agent then closed the connection, and a client still
+    // sending (reqwest, the Python SDK's transport) got a broken pipe instead of the error.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = scratch();
+    let body = vec![b'x'; 4 << 20];
+    let mut conn = tokio::net::TcpStream::connect(common::addr())
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /files?path={} HTTP/1.1\r\nhost: x\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\n\r\n",
+        enc(dir.to_str().unwrap()),
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(&body)
+        .await
+        .expect("the whole body is taken");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = conn.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        seen.starts_with(b"HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+}
