@@ -509,15 +509,7 @@ async fn connection_is_reusable_after_a_chunked_stream_request() {
         );
         seen.extend_from_slice(&buf[..n]);
     }
-    conn.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let n = conn.read(&mut buf).await.unwrap();
-    assert!(
-        buf[..n].starts_with(b"HTTP/1.1 204"),
-        "{}",
-        String::from_utf8_lossy(&buf[..n])
-    );
+    common::assert_still_serves(&mut conn).await;
 }
 
 #[tokio::test]

@@ -174,3 +174,19 @@ pub async fn wait_until(mut cond: impl FnMut() -> bool, what: &str) {
     }
     panic!("timed out waiting for {what}");
 }
+
+/// Asserts that a raw connection to the agent still answers a request: the agent did not close
+/// it after the previous one.
+pub async fn assert_still_serves(conn: &mut tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = conn.read(&mut buf).await.unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 204"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+}
