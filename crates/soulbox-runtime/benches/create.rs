@@ -156,8 +156,11 @@ fn main() {
             let _ = std::fs::remove_dir(parent);
         }
     }
+    // The runtime holds the state dir open; it goes first, or the unmount finds it busy.
+    drop(rt);
     if btrfs {
         let _ = std::process::Command::new("umount")
+            .arg("--lazy")
             .arg(&state_dir)
             .status();
     }

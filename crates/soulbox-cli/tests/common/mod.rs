@@ -220,6 +220,13 @@ impl Drop for Server {
             .args(["delete", "table", "inet", &self.cgroup])
             .stderr(Stdio::null())
             .status();
+        // The server leaves its sandboxes' filesystem mounted for its next start; this data dir
+        // has none, and the mount would keep the temporary directory (and a loop device) alive.
+        let _ = std::process::Command::new("umount")
+            .arg("--lazy")
+            .arg(self.data.join("sandboxes"))
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
