@@ -19,6 +19,7 @@ use tokio::net::UnixStream;
 use crate::ResponseBody;
 use crate::auth::{self, SignedParams};
 use crate::reply::{self, envd_error, strip_hop_by_hop};
+use crate::routing::upstream_uri;
 
 /// How long an idle agent connection stays pooled (below the agent's own idle limit, so a
 /// pooled connection is not closed under us).
@@ -154,14 +155,9 @@ async fn forward(
     }
     parts.version = Version::HTTP_11;
     // The pool is keyed by the URI's authority: the sandbox id (ids are [a-z0-9], a valid host).
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |pq| pq.as_str())
-        .to_owned();
-    parts.uri = match format!("http://{}{path}", route.sandbox_id).parse() {
-        Ok(uri) => uri,
-        Err(_) => return envd_error(StatusCode::BAD_REQUEST, "invalid request target"),
+    parts.uri = match upstream_uri(&route.sandbox_id, &parts.uri) {
+        Some(uri) => uri,
+        None => return envd_error(StatusCode::BAD_REQUEST, "invalid request target"),
     };
     let body = prebuffer(body).await.into_http_body();
     match agents.request(Request::from_parts(parts, body)).await {

@@ -31,6 +31,7 @@ use tokio::net::UnixStream;
 
 use crate::envd::prebuffer;
 use crate::reply::{self, gateway_error, strip_hop_by_hop};
+use crate::routing::upstream_uri;
 use crate::{ResponseBody, auth};
 
 /// The header that carries a sandbox's traffic access token.
@@ -323,14 +324,9 @@ pub(crate) async fn handle(
     }
     add_forwarded(&mut parts.headers, from);
     parts.version = Version::HTTP_11;
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |pq| pq.as_str())
-        .to_owned();
-    parts.uri = match format!("http://{id}:{port}{path}").parse() {
-        Ok(uri) => uri,
-        Err(_) => {
+    parts.uri = match upstream_uri(&format!("{id}:{port}"), &parts.uri) {
+        Some(uri) => uri,
+        None => {
             return gateway_error(
                 StatusCode::BAD_REQUEST,
                 id,

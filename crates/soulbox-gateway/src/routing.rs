@@ -1,7 +1,7 @@
 //! Which sandbox and port a request is for: `E2b-Sandbox-Id` + `E2b-Sandbox-Port` headers
 //! first, else a Host of the form `<port>-<id>.<domain>` (protocol doc §2.5).
 
-use http::HeaderMap;
+use http::{HeaderMap, Uri};
 use percent_encoding::percent_decode_str;
 use soulbox_wire::tunnel::parse_port;
 
@@ -148,6 +148,17 @@ pub fn is_internal(path: &str) -> bool {
         .is_some_and(|s| s.eq_ignore_ascii_case("_soulbox"))
 }
 
+/// The URI a request is forwarded with: `http://<authority>` and the client's path and query
+/// (the upstream pools are keyed by authority). `None` when they do not make a valid URI, or
+/// the target is not a path (`OPTIONS *`), which would otherwise run into the authority.
+pub(crate) fn upstream_uri(authority: &str, uri: &Uri) -> Option<Uri> {
+    let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    if !path.starts_with('/') {
+        return None;
+    }
+    format!("http://{authority}{path}").parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,6 +170,28 @@ mod tests {
             h.insert(*k, HeaderValue::from_static(v));
         }
         h
+    }
+
+    #[test]
+    fn upstream_uri_keeps_path_and_query_under_the_new_authority() {
+        let uri: Uri = "http://client.example:3001/files?path=%2Fa&username=user"
+            .parse()
+            .expect("uri");
+        let up = upstream_uri("abc123:8080", &uri).expect("valid");
+        assert_eq!(
+            up.to_string(),
+            "http://abc123:8080/files?path=%2Fa&username=user"
+        );
+        let absolute: Uri = "http://h".parse().expect("no path");
+        assert_eq!(
+            upstream_uri("abc123", &absolute)
+                .expect("valid")
+                .to_string(),
+            "http://abc123/"
+        );
+        let asterisk: Uri = "*".parse().expect("asterisk form");
+        assert!(upstream_uri("abc123", &asterisk).is_none());
+        assert!(upstream_uri("bad host", &uri).is_none());
     }
 
     fn t(id: &str, port: u16) -> Result<Option<Target>, RoutingError> {
