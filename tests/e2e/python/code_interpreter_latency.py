@@ -18,29 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 from e2b import Sandbox as PlainSandbox
 from e2b_code_interpreter import Sandbox
 
-
-def percentile(values: list[float], p: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(values)
-    rank = max(1, int(-(-p * len(ordered) // 100)))
-    return ordered[rank - 1]
-
-
-def summary(values_ms: list[float]) -> dict[str, float]:
-    return {
-        "n": len(values_ms),
-        "min": round(min(values_ms), 1),
-        "p50": round(percentile(values_ms, 50), 1),
-        "p90": round(percentile(values_ms, 90), 1),
-        "max": round(max(values_ms), 1),
-        "mean": round(statistics.fmean(values_ms), 1),
-    }
+from stats import summary
 
 
 def ms_since(t0: float) -> float:
@@ -60,7 +43,7 @@ def first_run_code(runs: int) -> dict[str, dict[str, float]]:
             assert execution.text == "2", execution
         finally:
             sbx.kill()
-    return {"create": summary(create_ms), "first_run_code": summary(first_ms)}
+    return {"create": summary(create_ms, 1), "first_run_code": summary(first_ms, 1)}
 
 
 def steady(calls: int) -> dict[str, float]:
@@ -72,7 +55,7 @@ def steady(calls: int) -> dict[str, float]:
             t0 = time.perf_counter()
             sbx.run_code("1+1")
             samples.append(ms_since(t0))
-        return summary(samples)
+        return summary(samples, 1)
     finally:
         sbx.kill()
 
@@ -88,7 +71,7 @@ def compare(templates: list[str], runs: int) -> dict[str, dict[str, float]]:
                 samples[template].append(ms_since(t0))
             finally:
                 sbx.kill()
-    return {t: summary(v) for t, v in samples.items()}
+    return {t: summary(v, 1) for t, v in samples.items()}
 
 
 def main() -> None:

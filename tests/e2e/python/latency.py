@@ -25,24 +25,7 @@ from pathlib import Path
 
 from e2b import Sandbox
 
-
-def percentile(values: list[float], p: float) -> float:
-    """Nearest-rank percentile: the smallest value with at least p% of the samples at or below it."""
-    ordered = sorted(values)
-    rank = max(1, int(-(-p * len(ordered) // 100)))
-    return ordered[rank - 1]
-
-
-def summary(values_ms: list[float]) -> dict[str, float]:
-    return {
-        "n": len(values_ms),
-        "min": min(values_ms),
-        "p50": percentile(values_ms, 50),
-        "p90": percentile(values_ms, 90),
-        "p99": percentile(values_ms, 99),
-        "max": max(values_ms),
-        "mean": statistics.fmean(values_ms),
-    }
+from stats import summary
 
 
 def mem_available_kib() -> int:

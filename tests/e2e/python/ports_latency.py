@@ -24,6 +24,8 @@ from pathlib import Path
 
 from e2b import Sandbox
 
+from stats import summary
+
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 500
 APP = (Path(__file__).parent / "suite" / "ports_fixtures" / "app.py").read_text()
 
@@ -41,10 +43,9 @@ print(json.dumps(ts))
 """
 
 
-def summary(name: str, ts: list[float]) -> None:
-    ts = sorted(ts)
-    p = lambda q: ts[min(len(ts) - 1, int(q * len(ts)))] * 1e3  # noqa: E731
-    print(f"{name:<44} p50 {p(0.50):7.3f} ms   p90 {p(0.90):7.3f} ms   p99 {p(0.99):7.3f} ms")
+def report(name: str, seconds: list[float]) -> None:
+    s = summary([t * 1e3 for t in seconds])
+    print(f"{name:<44} p50 {s['p50']:7.3f} ms   p90 {s['p90']:7.3f} ms   p99 {s['p99']:7.3f} ms")
 
 
 def timed(conn_factory, headers: dict[str, str], reuse: bool) -> list[float]:
@@ -79,19 +80,21 @@ def main() -> None:
                 time.sleep(0.2)
         inside = json.loads(sbx.commands.run(f"python3 /home/user/inside.py {N}").stdout)
         print(f"{N} GET /hello each, sandbox {sbx.sandbox_id}")
-        summary("inside the sandbox (127.0.0.1:8000)", inside)
-        summary("URL mode, kept-alive connection", timed_ok)
-        summary("URL mode, new connection each", timed(plain, routed, False))
+        report("inside the sandbox (127.0.0.1:8000)", inside)
+        report("URL mode, kept-alive connection", timed_ok)
+        report("URL mode, new connection each", timed(plain, routed, False))
         domain = os.environ.get("E2B_DOMAIN")
         if domain and os.environ.get("SSL_CERT_FILE"):
             host = sbx.get_host(8000)
             name, port = host.rsplit(":", 1) if ":" in host else (host, "443")
             ctx = ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])
             tls = lambda: http.client.HTTPSConnection(name, int(port), context=ctx, timeout=30)  # noqa: E731
-            summary("domain mode (TLS), kept-alive connection", timed(tls, {}, True))
-            summary("domain mode (TLS), new connection each", timed(tls, {}, False))
-        print(f"added by the tunnel (URL mode, kept alive): p50 "
-              f"{(statistics.median(timed_ok) - statistics.median(inside)) * 1e3:.3f} ms")
+            report("domain mode (TLS), kept-alive connection", timed(tls, {}, True))
+            report("domain mode (TLS), new connection each", timed(tls, {}, False))
+        print(
+            f"added by the tunnel (URL mode, kept alive): p50 "
+            f"{(statistics.median(timed_ok) - statistics.median(inside)) * 1e3:.3f} ms"
+        )
     finally:
         sbx.kill()
 
