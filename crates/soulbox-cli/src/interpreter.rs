@@ -17,13 +17,7 @@ pub struct InterpreterArgs {
 }
 
 pub fn run(args: InterpreterArgs) -> anyhow::Result<()> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,zeromq=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+    crate::init_logging("info,zeromq=warn");
     // Current-thread on purpose: kernels get a parent-death signal, which Linux ties to the
     // thread that spawned them (see soulbox-interpreter).
     tokio::runtime::Builder::new_current_thread()

@@ -3,6 +3,7 @@
 mod agent;
 mod bench;
 mod domain;
+mod down;
 mod interpreter;
 mod sandbox;
 mod sandbox_exec;
@@ -36,6 +37,19 @@ enum Command {
     Template(template::TemplateArgs),
     /// Measure a running server: latency, idle density, and peers side by side.
     Bench(bench::BenchArgs),
+    /// Take a stopped server's sandboxes, network objects and disk mount off the host.
+    Down(down::DownArgs),
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` or else `default_filter`.
+fn init_logging(default_filter: &str) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,5 +61,6 @@ fn main() -> anyhow::Result<()> {
         Command::Interpreter(args) => interpreter::run(args),
         Command::Template(args) => template::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Down(args) => down::run(args),
     }
 }

@@ -1,6 +1,6 @@
 //! `soulbox serve`: wires store, runtime, templates, API and gateway together.
 
-mod net;
+pub(crate) mod net;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -17,9 +17,9 @@ use soulbox_templates::Templates;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-const DEFAULT_DATA_DIR: &str = "/var/lib/soulbox";
+pub(crate) const DEFAULT_DATA_DIR: &str = "/var/lib/soulbox";
 /// The runtime's state dir inside the data dir: one directory per sandbox.
-const STATE_DIR: &str = "sandboxes";
+pub(crate) const STATE_DIR: &str = "sandboxes";
 /// The btrfs image mounted on [`STATE_DIR`] (see [`prepare_disk_limits`]).
 const DISK_IMAGE: &str = "sandboxes.img";
 /// Below this, mkfs.btrfs refuses or the image holds too little to be useful.
@@ -87,13 +87,7 @@ pub struct ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+    crate::init_logging("info");
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -108,22 +102,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .mode(0o700)
         .create(data)
         .with_context(|| format!("creating the data dir {}", data.display()))?;
-    // Two servers on one data dir would reap each other's sandboxes.
-    let lock_path = data.join("serve.lock");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(&lock_path)
-        .with_context(|| format!("opening {}", lock_path.display()))?;
-    if lock.try_lock().is_err() {
-        bail!(
-            "another `soulbox serve` is using {} (lock {})",
-            data.display(),
-            lock_path.display()
-        );
-    }
+    let lock = lock_data_dir(data)?;
 
     let admin_key = admin_key(data)?;
     let store = Store::open(&data.join("soulbox.db"))
@@ -248,6 +227,28 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tls_result.context("domain-mode TLS listener")?;
     drop(lock);
     Ok(())
+}
+
+/// Takes the data dir's lock, held for as long as the file is open: two servers on one data
+/// dir would reap each other's sandboxes, and `soulbox down` must not pull a running server's
+/// sandboxes from under it.
+pub(crate) fn lock_data_dir(data: &Path) -> anyhow::Result<std::fs::File> {
+    let lock_path = data.join("serve.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
+    if lock.try_lock().is_err() {
+        bail!(
+            "a `soulbox serve` is using {} (lock {})",
+            data.display(),
+            lock_path.display()
+        );
+    }
+    Ok(lock)
 }
 
 /// The admin key: `SOULBOX_ADMIN_KEY`, else `$DATA/admin.key`, else a new one written there
@@ -451,7 +452,7 @@ fn build_ca_bundle(arg: &str) -> Option<PathBuf> {
 
 /// `soulbox` for the default data dir, else `soulbox-` + 12 hex digits of the sha256 of the
 /// data dir's canonical path (stable across restarts and upgrades).
-fn cgroup_name(data: &Path) -> anyhow::Result<String> {
+pub(crate) fn cgroup_name(data: &Path) -> anyhow::Result<String> {
     let canonical = data
         .canonicalize()
         .with_context(|| format!("resolving {}", data.display()))?;

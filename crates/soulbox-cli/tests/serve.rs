@@ -459,3 +459,77 @@ async fn timeouts_expire_sandboxes() {
     // c had the v1 default of 15 s: it cannot have gone much earlier.
     assert!(started.elapsed() >= Duration::from_secs(10));
 }
+
+/// Whether the host has the nftables table `inet <name>`.
+fn nft_table(name: &str) -> bool {
+    std::process::Command::new("nft")
+        .args(["list", "table", "inet", name])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn mounted(dir: &std::path::Path) -> bool {
+    let dir = dir.to_string_lossy();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .expect("mountinfo")
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(&*dir))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn down_takes_a_stopped_servers_sandboxes_network_and_mount_off_the_host() {
+    const CGROUP: &str = "soulbox-test-cli-down";
+    let mut server = Server::start(CGROUP);
+    let api = server.api();
+    let (id, _) = api.create(new_sandbox(300, json!({}))).await;
+    let pid = stored_pid(&server.data, &id).await;
+    let sandboxes = server.data.join("sandboxes");
+
+    let refused = server.down();
+    assert!(!refused.status.success(), "down ran beside a live server");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("stop the server first"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(alive(pid));
+
+    assert!(server.stop(libc::SIGTERM).success());
+    assert!(alive(pid), "the sandbox died with the server");
+    assert!(nft_table(CGROUP) && mounted(&sandboxes));
+
+    let out = server.down();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("deleted the nftables table"), "{stdout}");
+    assert!(
+        eventually(Duration::from_secs(10), || async { !alive(pid) }).await,
+        "sandbox still running after down"
+    );
+    assert!(!nft_table(CGROUP), "table left");
+    assert!(!mounted(&sandboxes), "disk image still mounted");
+    assert!(
+        !std::path::Path::new("/sys/fs/cgroup/pids")
+            .join(CGROUP)
+            .exists(),
+        "parent cgroup left"
+    );
+    // Nothing left: a second run finds nothing to do.
+    let again = server.down();
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stdout).contains("killed 0 sandboxes"));
+
+    // The next start has forgotten the sandbox and works.
+    server.restart();
+    let api = server.api();
+    assert_eq!(api.get(&id).await.status, StatusCode::NOT_FOUND);
+    let (fresh, token) = api.create(new_sandbox(60, json!({}))).await;
+    let ran = run(&server.envd(&fresh, Some(&token)), "echo ok", None).await;
+    assert_eq!(ran.stdout, "ok\n");
+}

@@ -27,6 +27,7 @@ pub mod policy;
 mod proxy;
 mod registry;
 mod slot;
+mod teardown;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
@@ -42,6 +43,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Notify;
 
 pub use policy::{EgressConfig, Policy, PolicyError};
+pub use teardown::{Removed, remove_host_state};
 
 use crate::nft::{Base, Nft, SlotRef};
 use crate::policy::{HARD_BLOCKED, PRIVATE, nets};
@@ -318,7 +320,7 @@ impl Network {
                     )));
                 }
                 let existing = factory.existing().ctx(|| "list interfaces".into())?;
-                let marker = state_dir.join(".forwarding-enabled");
+                let marker = state_dir.join(teardown::FORWARDING_MARKER);
                 let forwarding = slot::read_sysctl("net/ipv4/ip_forward")
                     .ctx(|| "read net.ipv4.ip_forward".into())?;
                 if forwarding != "1" {

@@ -65,6 +65,27 @@ pub(crate) fn run(script: &str) -> io::Result<()> {
     )))
 }
 
+/// Names of the host's `inet` tables.
+pub(crate) fn inet_tables() -> io::Result<Vec<String>> {
+    let out = Command::new("nft")
+        .args(["list", "tables", "inet"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| io::Error::new(e.kind(), format!("running nft: {e}")))?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "nft list tables failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("table inet "))
+        .map(str::to_owned)
+        .collect())
+}
+
 fn elements(list: &[Ipv4Net]) -> String {
     list.iter()
         .map(|n| n.to_string())

@@ -7,6 +7,9 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use soulbox_net::{NetConfig, Network};
 
+/// The network service's state dir (lease records) inside the data dir.
+pub(crate) const NETWORK_DIR: &str = "network";
+
 #[derive(clap::Args)]
 pub struct NetArgs {
     /// Run sandboxes without networking: loopback only, whatever `allow_internet_access` and
@@ -88,7 +91,7 @@ pub async fn start(args: &NetArgs, data: &Path, name: &str) -> anyhow::Result<Op
     let net = Network::start(NetConfig {
         name: name.to_owned(),
         pool,
-        state_dir: data.join("network"),
+        state_dir: data.join(NETWORK_DIR),
         upstream_dns,
         dns_zones,
         ready_slots: args.net_ready_slots,

@@ -155,6 +155,17 @@ impl Server {
         child.wait().expect("wait for soulbox serve")
     }
 
+    /// Runs `soulbox down` on this server's data dir (refused while it runs).
+    pub fn down(&self) -> std::process::Output {
+        Command::new(BIN)
+            .arg("down")
+            .arg("--data-dir")
+            .arg(&self.data)
+            .args(["--cgroup-name", &self.cgroup])
+            .output()
+            .expect("run soulbox down")
+    }
+
     /// Host pid of the running `soulbox serve`.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
@@ -214,19 +225,9 @@ impl Drop for Server {
             }
         }
         self.stop(libc::SIGTERM);
-        // The server keeps its nftables table for the sandboxes of its next start; this one has
-        // none, and a stale table would keep filtering the ports its resolver and proxy had.
-        let _ = std::process::Command::new("nft")
-            .args(["delete", "table", "inet", &self.cgroup])
-            .stderr(Stdio::null())
-            .status();
-        // The server leaves its sandboxes' filesystem mounted for its next start; this data dir
-        // has none, and the mount would keep the temporary directory (and a loop device) alive.
-        let _ = std::process::Command::new("umount")
-            .arg("--lazy")
-            .arg(self.data.join("sandboxes"))
-            .stderr(Stdio::null())
-            .status();
+        // The server keeps its nftables table and disk mount for a next start; this data dir
+        // has none, and they would outlive the temporary directory.
+        let _ = self.down();
     }
 }
 
