@@ -65,13 +65,17 @@ pub(crate) fn run(script: &str) -> io::Result<()> {
     )))
 }
 
-/// Names of the host's `inet` tables.
+/// Names of the host's `inet` tables (none on a host without `nft`: no server made one).
 pub(crate) fn inet_tables() -> io::Result<Vec<String>> {
-    let out = Command::new("nft")
+    let out = match Command::new("nft")
         .args(["list", "tables", "inet"])
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| io::Error::new(e.kind(), format!("running nft: {e}")))?;
+    {
+        Ok(out) => out,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io::Error::new(e.kind(), format!("running nft: {e}"))),
+    };
     if !out.status.success() {
         return Err(io::Error::other(format!(
             "nft list tables failed ({}): {}",
