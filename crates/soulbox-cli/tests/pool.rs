@@ -91,6 +91,25 @@ async fn pool_members_are_handed_out_refilled_and_replaced() {
     let refilled = settled(&server, 2).await;
     assert!(!refilled.contains(&id));
 
+    // A create without env vars is handed a member as it was made (no second init): its own
+    // id and user, nothing of another create's environment.
+    let (plain, plain_token) = api
+        .create(json!({"templateID": "base", "timeout": 300, "secure": true}))
+        .await;
+    assert!(
+        refilled.contains(&plain),
+        "{plain} is not one of {refilled:?}"
+    );
+    let ran = run(
+        &server.envd(&plain, Some(&plain_token)),
+        "echo $E2B_SANDBOX_ID $(hostname) $(cat /run/e2b/.E2B_SANDBOX_ID) ${FROM_CREATE:-unset}; whoami",
+        None,
+    )
+    .await;
+    assert_eq!(ran.stdout, format!("{plain} {plain} {plain} unset\nuser\n"));
+    let refilled = settled(&server, 2).await;
+    assert!(!refilled.contains(&plain));
+
     // A member that dies while idle is replaced and never handed out.
     let victim = refilled.iter().next().expect("a member").clone();
     let pid = pid1_of(&victim);
@@ -120,12 +139,12 @@ async fn pool_members_are_handed_out_refilled_and_replaced() {
     assert_eq!(ids.len(), 6);
     assert!(!ids.contains(&victim));
     let pool = &api.pools().await[0];
-    assert_eq!(pool.hits + pool.misses, 7, "{pool:?}");
+    assert_eq!(pool.hits + pool.misses, 8, "{pool:?}");
     for (id, token) in &made {
         let ran = run(&server.envd(id, Some(token)), "echo $FROM_CREATE", None).await;
         assert_eq!(ran.stdout, "yes\n");
     }
-    for id in ids.iter().chain([&id]) {
+    for id in ids.iter().chain([&id, &plain]) {
         assert_eq!(
             api.call(Method::DELETE, &format!("/sandboxes/{id}"), None)
                 .await
