@@ -69,7 +69,7 @@ pub struct ServeArgs {
     #[arg(
         long = "pool",
         value_name = "TEMPLATE=MIN[..MAX]",
-        default_values = ["base=2..16", "code-interpreter-v1=1..4"]
+        default_values = ["base=2..64", "code-interpreter-v1=1..4"]
     )]
     pub pools: Vec<soulbox_core::PoolSize>,
     /// Largest warm pool of any other template a client creates from (made after its first
