@@ -164,6 +164,26 @@ impl Target {
             .await
             .unwrap_or_default()
     }
+
+    /// Waits (at most `limit`) until the benchmarked template's pool holds its target, so that
+    /// a burst meets the pool a server in steady state would have; returns the pool then.
+    async fn settled_pool(&self, limit: Duration) -> Option<WarmPool> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let pool = self
+                .pools()
+                .await
+                .into_iter()
+                .find(|p| p.template == self.template);
+            let full = pool
+                .as_ref()
+                .is_none_or(|p| p.idle.len() >= p.target && p.starting == 0);
+            if full || Instant::now() >= deadline {
+                return pool;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 /// Runs a command to its end: what the SDKs' `commands.run("true")` sends is a login shell
@@ -256,8 +276,11 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     report.latency("first_command", &first);
 
     eprintln!("bench: {} concurrent creates", plan.concurrency);
-    let conc = concurrent(&target, plan.concurrency).await;
+    let pool = target.settled_pool(Duration::from_secs(15)).await;
+    report.set("pool_before_burst", json!(pool));
+    let (conc, conc_create) = concurrent(&target, plan.concurrency).await;
     report.latency("create_to_first_command_concurrent", &conc);
+    report.latency("create_concurrent", &conc_create);
 
     eprintln!("bench: command and file round trips");
     rtts(&target, plan.rtt_runs, &mut report).await?;
@@ -321,33 +344,37 @@ async fn sequential(target: &Target, runs: usize) -> (Samples, Samples, Samples)
     (total, create, first)
 }
 
-/// `n` creates → first command started at once; each one's latency.
-async fn concurrent(target: &Target, n: usize) -> Samples {
+/// `n` creates → first command started at once; each one's latency, whole and of the create
+/// alone.
+async fn concurrent(target: &Target, n: usize) -> (Samples, Samples) {
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..n {
         let target = target.clone();
         tasks.spawn(async move {
             let t0 = Instant::now();
             let made = target.create(60).await;
+            let created = t0.elapsed();
             let ran = match &made {
                 Ok(m) => run_true(&m.envd, true).await,
                 Err(e) => Err(anyhow::anyhow!("{e:#}")),
             };
-            (ran, t0.elapsed(), made.ok().map(|m| m.id))
+            let made = made.map(|m| m.id).map_err(|e| anyhow::anyhow!("{e:#}"));
+            (made, created, ran, t0.elapsed())
         });
     }
-    let mut samples = Samples::default();
+    let (mut total, mut create) = (Samples::default(), Samples::default());
     let mut ids = Vec::new();
     while let Some(done) = tasks.join_next().await {
-        if let Ok((ran, took, id)) = done {
-            samples.record(&ran, took);
-            ids.extend(id);
+        if let Ok((made, created, ran, took)) = done {
+            create.record(&made, created);
+            total.record(&ran, took);
+            ids.extend(made.ok());
         }
     }
     for id in ids {
         let _ = target.kill(&id).await;
     }
-    samples
+    (total, create)
 }
 
 /// Command and file round trips on one sandbox.
@@ -776,6 +803,14 @@ impl Report {
         {
             out.push(format!("density: leftovers {left}"));
         }
+        // A peer that is installed but cannot run makes the comparison meaningless.
+        if let Some(peers) = self.get(&["peers"]).and_then(Value::as_object) {
+            for (name, v) in peers {
+                if let Some(e) = v.get("error").and_then(Value::as_str) {
+                    out.push(format!("peer {name}: {e}"));
+                }
+            }
+        }
         out
     }
 
@@ -809,6 +844,7 @@ impl Report {
                 "create_to_first_command_concurrent",
                 "create → first command (concurrent)",
             ),
+            ("create_concurrent", "  create"),
             ("command_rtt_login_shell", "command RTT (bash -l -c true)"),
             ("command_rtt_direct", "command RTT (/bin/true)"),
             ("file_write_1k", "file write 1 KiB"),
@@ -939,6 +975,14 @@ impl Report {
                     p["idle"].as_array().map_or(0, Vec::len),
                 ));
             }
+        }
+        if let Some(p) = self.get(&["pool_before_burst"]).filter(|p| !p.is_null()) {
+            t.push_str(&format!(
+                "pool {} before the concurrent burst: {} idle (max {})\n",
+                p["template"].as_str().unwrap_or("?"),
+                p["idle"].as_array().map_or(0, Vec::len),
+                p["max"],
+            ));
         }
         t
     }

@@ -203,11 +203,42 @@ fn cstring(p: &Path) -> std::ffi::CString {
     std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap_or_default()
 }
 
+/// `rootfs` bound at `<dir>/rootfs`, unmounted on drop. The peers' user namespaces map root
+/// to an unprivileged uid, which cannot pass the server's data dir (0700) to reach a template
+/// layer; the bind mount under a 0755 directory shows them the same files.
+struct PeerRoot(PathBuf);
+
+impl PeerRoot {
+    fn bind(dir: &Path, rootfs: &Path) -> anyhow::Result<PeerRoot> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+        let target = dir.join("rootfs");
+        std::fs::create_dir(&target)?;
+        nix::mount::mount(
+            Some(rootfs),
+            &target,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND | nix::mount::MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .with_context(|| format!("binding {} for the peers", rootfs.display()))?;
+        Ok(PeerRoot(target))
+    }
+}
+
+impl Drop for PeerRoot {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
 /// Runs `true` `runs` times with `peer`; the wall time of each run.
 pub fn run_peer(peer: &str, rootfs: &Path, runs: usize) -> anyhow::Result<Vec<Duration>> {
     let dir = tempfile::Builder::new()
         .prefix("soulbox-bench-")
         .tempdir()?;
+    let root = PeerRoot::bind(dir.path(), rootfs)?;
+    let rootfs = root.0.as_path();
     write_bundle(dir.path(), rootfs)?;
     let empty = dir.path().join("empty");
     std::fs::write(&empty, "")?;
