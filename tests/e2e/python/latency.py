@@ -118,30 +118,33 @@ def measure_idle_memory(count: int, settle_s: float) -> dict[str, float | int | 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=50, help="sequential create → first command runs")
-    parser.add_argument("--idle", type=int, default=20, help="idle sandboxes for the memory figure")
+    parser.add_argument("--idle", type=int, default=20, help="idle sandboxes for the memory figure (0: skip it)")
     parser.add_argument("--settle", type=float, default=5.0, help="seconds to let idle sandboxes settle")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
-    results = {"latency": measure_latency(args.runs), "idle_memory": measure_idle_memory(args.idle, args.settle)}
+    results = {"latency": measure_latency(args.runs)}
+    if args.idle > 0:
+        results["idle_memory"] = measure_idle_memory(args.idle, args.settle)
 
     for name, s in results["latency"].items():
         print(
             f"{name:28} n={s['n']:<3} p50={s['p50']:8.1f}  p90={s['p90']:8.1f}  "
             f"p99={s['p99']:8.1f}  min={s['min']:8.1f}  max={s['max']:8.1f}"
         )
-    mem = results["idle_memory"]
-    line = f"idle memory ({mem['sandboxes']} sandboxes): "
-    line += f"MemAvailable drop {mem['mem_available_drop_per_sandbox_kib']:.0f} KiB/sandbox (noisy: whole host)"
-    print(line)
-    if mem["cgroups_found"]:
-        print(
-            f"  cgroup-charged {mem['cgroup_charged_per_sandbox_kib']:.0f} KiB/sandbox = "
-            f"anon {mem['cgroup_anon_per_sandbox_kib']:.0f} + page cache {mem['cgroup_file_per_sandbox_kib']:.0f} "
-            f"+ kernel {mem['cgroup_kernel_per_sandbox_kib']:.0f} ({mem['cgroups_found']} cgroups)"
-        )
-    else:
-        print("  per-sandbox cgroup memory not found (run as root on the server's machine)")
+    mem = results.get("idle_memory")
+    if mem:
+        line = f"idle memory ({mem['sandboxes']} sandboxes): "
+        line += f"MemAvailable drop {mem['mem_available_drop_per_sandbox_kib']:.0f} KiB/sandbox (noisy: whole host)"
+        print(line)
+        if mem["cgroups_found"]:
+            print(
+                f"  cgroup-charged {mem['cgroup_charged_per_sandbox_kib']:.0f} KiB/sandbox = "
+                f"anon {mem['cgroup_anon_per_sandbox_kib']:.0f} + page cache {mem['cgroup_file_per_sandbox_kib']:.0f} "
+                f"+ kernel {mem['cgroup_kernel_per_sandbox_kib']:.0f} ({mem['cgroups_found']} cgroups)"
+            )
+        else:
+            print("  per-sandbox cgroup memory not found (run as root on the server's machine)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 
