@@ -112,11 +112,7 @@ impl Plan {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?
-        .block_on(bench(args))
+    crate::async_runtime(true)?.block_on(bench(args))
 }
 
 /// The server under test.

@@ -28,11 +28,7 @@ pub struct DownArgs {
 
 pub fn run(args: DownArgs) -> anyhow::Result<()> {
     crate::init_logging("warn");
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?
-        .block_on(down(args))
+    crate::async_runtime(false)?.block_on(down(args))
 }
 
 async fn down(args: DownArgs) -> anyhow::Result<()> {

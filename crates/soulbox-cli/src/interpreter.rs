@@ -20,22 +20,18 @@ pub fn run(args: InterpreterArgs) -> anyhow::Result<()> {
     crate::init_logging("info,zeromq=warn");
     // Current-thread on purpose: kernels get a parent-death signal, which Linux ties to the
     // thread that spawned them (see soulbox-interpreter).
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?
-        .block_on(async move {
-            let listener = tokio::net::TcpListener::bind(args.listen)
-                .await
-                .with_context(|| format!("binding {}", args.listen))?;
-            tracing::info!(addr = %args.listen, "code interpreter listening");
-            let config = soulbox_interpreter::Config {
-                default_cwd: args.cwd,
-            };
-            soulbox_interpreter::serve(listener, config, shutdown_signal())
-                .await
-                .context("code interpreter")
-        })
+    crate::async_runtime(false)?.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("binding {}", args.listen))?;
+        tracing::info!(addr = %args.listen, "code interpreter listening");
+        let config = soulbox_interpreter::Config {
+            default_cwd: args.cwd,
+        };
+        soulbox_interpreter::serve(listener, config, shutdown_signal())
+            .await
+            .context("code interpreter")
+    })
 }
 
 /// SIGTERM or SIGINT; if the handlers cannot be installed, run until killed.

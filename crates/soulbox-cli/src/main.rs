@@ -41,6 +41,21 @@ enum Command {
     Down(down::DownArgs),
 }
 
+/// The async runtime a command runs on: all cores for `serve` and `bench`, one thread for the
+/// rest.
+fn async_runtime(multi_thread: bool) -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context;
+    let mut builder = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    builder
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
 /// Logs to stderr, filtered by `RUST_LOG` or else `default_filter`.
 fn init_logging(default_filter: &str) {
     let _ = tracing_subscriber::fmt()

@@ -114,11 +114,7 @@ where
 {
     let key = key.context("no API key: pass --api-key or set E2B_API_KEY")?;
     let client = RestClient::new(&url, &key)?;
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?
-        .block_on(command(client))
+    crate::async_runtime(false)?.block_on(command(client))
 }
 
 async fn create(client: &RestClient, a: CreateArgs) -> anyhow::Result<()> {

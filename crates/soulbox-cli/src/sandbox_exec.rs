@@ -61,10 +61,7 @@ fn key_value(s: &str) -> Result<(String, String), String> {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
+    crate::async_runtime(false)
 }
 
 /// An envd client for the sandbox, with its access token from the control plane.

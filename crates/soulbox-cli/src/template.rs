@@ -121,10 +121,7 @@ pub fn run(args: TemplateArgs) -> anyhow::Result<()> {
         .api_key
         .context("no API key: pass --api-key or set E2B_API_KEY")?;
     let client = RestClient::new(&args.api_url, &key)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let rt = crate::async_runtime(false)?;
     rt.block_on(async move {
         match args.command {
             TemplateCommand::Build(a) => build(&client, a).await,
