@@ -67,9 +67,11 @@ fn init_logging(default_filter: &str) {
         .try_init();
 }
 
-fn main() -> anyhow::Result<()> {
+/// Runs the command; an error is printed as its chain of causes (without the backtrace anyhow
+/// captures when `RUST_BACKTRACE` is set, which buried the one line that mattered).
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let result = match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Agent(args) => agent::run(args),
         Command::Sandbox(args) => sandbox::run(args),
@@ -77,5 +79,15 @@ fn main() -> anyhow::Result<()> {
         Command::Template(args) => template::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Down(args) => down::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            std::process::ExitCode::FAILURE
+        }
     }
 }
