@@ -24,6 +24,10 @@ pub struct DownArgs {
     /// The server's `--cgroup-name`, if it was given one.
     #[arg(long, hide = true)]
     pub cgroup_name: Option<String>,
+    /// Leave `net.ipv4.ip_forward` on even if this server turned it on: for hosts where other
+    /// servers may be starting at the same moment (they could lose forwarding otherwise).
+    #[arg(long)]
+    pub keep_forwarding: bool,
 }
 
 pub fn run(args: DownArgs) -> anyhow::Result<()> {
@@ -87,11 +91,13 @@ async fn down(args: DownArgs) -> anyhow::Result<()> {
 
     let net_dir = data.join(NETWORK_DIR);
     let table = name.clone();
-    let removed =
-        tokio::task::spawn_blocking(move || soulbox_net::remove_host_state(&table, &net_dir))
-            .await
-            .context("network teardown task")?
-            .context("removing the network objects")?;
+    let restore = !args.keep_forwarding;
+    let removed = tokio::task::spawn_blocking(move || {
+        soulbox_net::remove_host_state(&table, &net_dir, restore)
+    })
+    .await
+    .context("network teardown task")?
+    .context("removing the network objects")?;
     if removed.table {
         println!("deleted the nftables table inet {name}");
     }

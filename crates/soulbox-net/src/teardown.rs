@@ -29,14 +29,20 @@ pub struct Removed {
 }
 
 /// Deletes what the network service of server `name` (its [`NetConfig::name`]) left on the
-/// host: its nftables table, its slot interfaces, the lease records in `state_dir`, and, when
-/// this server was the one that turned `net.ipv4.ip_forward` on and no other SoulBox table is
-/// left, turns it off again (without the table's forward guard the host would route for
-/// anyone). Only for a server that is stopped and whose sandboxes are gone: their slots go
-/// with the table. Blocking; needs root.
+/// host: its nftables table, its slot interfaces, the lease records in `state_dir`, and, with
+/// `restore_forwarding`, when this server was the one that turned `net.ipv4.ip_forward` on and
+/// no other SoulBox table is left, turns it off again (without the table's forward guard the
+/// host would route for anyone). Only for a server that is stopped and whose sandboxes are
+/// gone: their slots go with the table. A server starting at the same moment may not have made
+/// its table yet and would lose forwarding: hosts that start servers side by side pass
+/// `restore_forwarding: false`. Blocking; needs root.
 ///
 /// [`NetConfig::name`]: crate::NetConfig::name
-pub fn remove_host_state(name: &str, state_dir: &Path) -> Result<Removed, NetError> {
+pub fn remove_host_state(
+    name: &str,
+    state_dir: &Path,
+    restore_forwarding: bool,
+) -> Result<Removed, NetError> {
     let mut removed = Removed::default();
     let mut factory = Factory::new(default_pool(name), &interface_prefix(name))
         .ctx(|| "open rtnetlink".into())?;
@@ -70,7 +76,7 @@ pub fn remove_host_state(name: &str, state_dir: &Path) -> Result<Removed, NetErr
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).ctx(|| format!("list {}", state_dir.display())),
     }
-    if forwarding_was_ours {
+    if forwarding_was_ours && restore_forwarding {
         removed.forwarding_kept_for = tables
             .into_iter()
             .filter(|t| t != name && t.starts_with("soulbox"))

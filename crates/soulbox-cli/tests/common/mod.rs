@@ -162,6 +162,9 @@ impl Server {
             .arg("--data-dir")
             .arg(&self.data)
             .args(["--cgroup-name", &self.cgroup])
+            // Tests run servers side by side: one going down must not turn forwarding off
+            // under another that is starting.
+            .arg("--keep-forwarding")
             .output()
             .expect("run soulbox down")
     }
