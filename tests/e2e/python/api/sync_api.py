@@ -295,6 +295,7 @@ sbx.files.remove(base)
 if not DEBUG:
     sbx.kill()
 print(f"sync API: {checks} checks passed", flush=True)
-# Every check has passed; skip interpreter finalization, where e2b 1.11.1's sync client (TLS,
-# domain mode) once aborted CI with "PyGILState_Release: thread state ... must be current".
+# Every check has passed; skip interpreter finalization, where the SDK's HTTP transport
+# (pyqwest: reqwest with its own native threads) has aborted the process ("PyGILState_Release:
+# thread state ... must be current").
 os._exit(0)
