@@ -62,11 +62,7 @@ async fn down(args: DownArgs) -> anyhow::Result<()> {
         .await
         .context("killing the sandboxes")?;
     println!("killed {killed} sandboxes");
-    for dir in runtime.cgroup_dirs("-") {
-        if let Some(parent) = dir.parent() {
-            let _ = std::fs::remove_dir(parent);
-        }
-    }
+    runtime.remove_parent_cgroups();
     // The runtime holds the state dir open, which would keep its file system busy.
     drop(runtime);
 

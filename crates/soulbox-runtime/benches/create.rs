@@ -151,11 +151,7 @@ fn main() {
         percentiles("create (50 alive)", create);
         percentiles("destroy (50 alive)", destroy);
     });
-    for d in rt.cgroup_dirs("x") {
-        if let Some(parent) = d.parent() {
-            let _ = std::fs::remove_dir(parent);
-        }
-    }
+    rt.remove_parent_cgroups();
     // The runtime holds the state dir open; it goes first, or the unmount finds it busy.
     drop(rt);
     if btrfs {

@@ -425,6 +425,13 @@ impl Cgroups {
     pub(crate) fn dirs(&self, id: &str) -> Vec<PathBuf> {
         self.groups(id).map(|(_, d)| d).collect()
     }
+
+    /// Removes the parent groups that are empty (a non-empty one is left alone).
+    pub(crate) fn remove_parents(&self) {
+        for h in &self.hierarchies {
+            let _ = fs::remove_dir(&h.parent);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -422,6 +422,12 @@ impl Runtime {
     pub fn cgroup_dirs(&self, id: &str) -> Vec<PathBuf> {
         self.inner.cgroups.dirs(id)
     }
+
+    /// Removes the parent cgroups [`Runtime::new`] made, where no sandbox is left in them: for
+    /// a runtime that is done for good (`soulbox down`, benchmarks), not for a server stop.
+    pub fn remove_parent_cgroups(&self) {
+        self.inner.cgroups.remove_parents();
+    }
 }
 
 impl Inner {

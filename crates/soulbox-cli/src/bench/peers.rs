@@ -316,10 +316,7 @@ pub async fn run_soulbox_cold(rootfs: &Path, runs: usize) -> anyhow::Result<Vec<
             times.push(took);
         }
     }
-    let cgroups = runtime.cgroup_dirs("x");
-    for parent in cgroups.iter().filter_map(|d| d.parent()) {
-        let _ = std::fs::remove_dir(parent);
-    }
+    runtime.remove_parent_cgroups();
     Ok(times)
 }
 
