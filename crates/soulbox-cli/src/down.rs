@@ -37,10 +37,11 @@ pub fn run(args: DownArgs) -> anyhow::Result<()> {
 
 async fn down(args: DownArgs) -> anyhow::Result<()> {
     let data = args.data_dir.as_path();
-    if !data.join("serve.lock").exists() {
+    if !data.join(serve::LOCK_FILE).exists() {
         bail!(
-            "{} is not a SoulBox data dir (no serve.lock)",
-            data.display()
+            "{} is not a SoulBox data dir (no {})",
+            data.display(),
+            serve::LOCK_FILE
         );
     }
     let _lock = serve::lock_data_dir(data).context("stop the server first")?;

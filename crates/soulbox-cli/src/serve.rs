@@ -20,6 +20,8 @@ use tokio::sync::watch;
 pub(crate) const DEFAULT_DATA_DIR: &str = "/var/lib/soulbox";
 /// The runtime's state dir inside the data dir: one directory per sandbox.
 pub(crate) const STATE_DIR: &str = "sandboxes";
+/// The data dir's lock file (see [`lock_data_dir`]); its presence marks a SoulBox data dir.
+pub(crate) const LOCK_FILE: &str = "serve.lock";
 /// The btrfs image mounted on [`STATE_DIR`] (see [`prepare_disk_limits`]).
 const DISK_IMAGE: &str = "sandboxes.img";
 /// Below this, mkfs.btrfs refuses or the image holds too little to be useful.
@@ -229,7 +231,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 /// dir would reap each other's sandboxes, and `soulbox down` must not pull a running server's
 /// sandboxes from under it.
 pub(crate) fn lock_data_dir(data: &Path) -> anyhow::Result<std::fs::File> {
-    let lock_path = data.join("serve.lock");
+    let lock_path = data.join(LOCK_FILE);
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
