@@ -354,7 +354,7 @@ async fn concurrent(target: &Target, n: usize) -> (Samples, Samples) {
                 Ok(m) => run_true(&m.envd, true).await,
                 Err(e) => Err(anyhow::anyhow!("{e:#}")),
             };
-            let made = made.map(|m| m.id).map_err(|e| anyhow::anyhow!("{e:#}"));
+            let made = made.map(|m| m.id);
             (made, created, ran, t0.elapsed())
         });
     }
