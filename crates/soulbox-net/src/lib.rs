@@ -32,7 +32,7 @@ mod teardown;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -310,7 +310,7 @@ impl Network {
         let pool = cfg.pool;
         let state_dir = cfg.state_dir.clone();
         let prefix2 = prefix.clone();
-        let (factory, lan, existing, forward_guard) =
+        let (factory, lan, uplinks, existing, forward_guard) =
             tokio::task::spawn_blocking(move || -> Result<_, NetError> {
                 let mut factory = Factory::new(pool, &prefix2).ctx(|| "open rtnetlink".into())?;
                 let lan = factory.lan().ctx(|| "list the host's routes".into())?;
@@ -320,6 +320,7 @@ impl Network {
                     )));
                 }
                 let existing = factory.existing().ctx(|| "list interfaces".into())?;
+                let uplinks = factory.uplinks().ctx(|| "list the host's uplinks".into())?;
                 let marker = state_dir.join(teardown::FORWARDING_MARKER);
                 let forwarding = slot::read_sysctl("net/ipv4/ip_forward")
                     .ctx(|| "read net.ipv4.ip_forward".into())?;
@@ -328,7 +329,7 @@ impl Network {
                     slot::host_sysctl("net/ipv4/ip_forward", "1")
                         .ctx(|| "enable net.ipv4.ip_forward".into())?;
                 }
-                Ok((factory, lan, existing, marker.exists()))
+                Ok((factory, lan, uplinks, existing, marker.exists()))
             })
             .await
             .map_err(join_error)??;
@@ -366,6 +367,9 @@ impl Network {
             }
         }
 
+        // Conntrack marks of slots are `mark_base | index`; the resolver's and proxy's sockets
+        // carry `mark_base` itself (index 0 is never a slot).
+        let mark_base = (fnv(&cfg.name) & 0x7fff | 0x4000) << 16;
         let dns_udp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
             .await
             .ctx(|| "bind the resolver".into())?;
@@ -384,7 +388,11 @@ impl Network {
             .ctx(|| "proxy address".into())?
             .port();
 
-        let mark_base = (fnv(&cfg.name) & 0x7fff | 0x4000) << 16;
+        for fd in [dns_udp.as_fd(), dns_tcp.as_fd(), proxy_listener.as_fd()] {
+            nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::Mark, &mark_base)
+                .map_err(std::io::Error::from)
+                .ctx(|| "mark the resolver's and proxy's sockets".into())?;
+        }
         let registry = Arc::new(Registry::default());
         let mut leases = HashMap::new();
         let mut taken = HashSet::new();
@@ -401,14 +409,7 @@ impl Network {
                 }
             };
             let (gateway, address) = slot::addresses(pool, rec.index);
-            slots.push((
-                SlotRef {
-                    index: rec.index,
-                    address,
-                    mark: mark_base | rec.index,
-                },
-                policy.clone(),
-            ));
+            slots.push((SlotRef::new(pool, mark_base, rec.index), policy.clone()));
             let entry = Arc::new(Entry::new(rec.index, policy));
             registry.insert(address, entry.clone());
             taken.insert(rec.index);
@@ -434,6 +435,8 @@ impl Network {
                 lan: &lan,
                 dns_port,
                 proxy_port,
+                socket_mark: mark_base,
+                uplinks: &uplinks,
                 forward_guard,
             },
             &slots.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
@@ -704,11 +707,7 @@ impl Network {
     }
 
     fn slot_ref(&self, index: u32) -> SlotRef {
-        SlotRef {
-            index,
-            address: slot::addresses(self.inner.cfg.pool, index).1,
-            mark: self.inner.mark_base | index,
-        }
+        SlotRef::new(self.inner.cfg.pool, self.inner.mark_base, index)
     }
 
     fn record_path(&self, owner: &str) -> PathBuf {
@@ -759,11 +758,7 @@ async fn janitor_loop(
         let result = tokio::task::spawn_blocking(move || -> io::Result<()> {
             let mut script = String::new();
             for &index in &indices {
-                let slot = SlotRef {
-                    index,
-                    address: slot::addresses(inner2.cfg.pool, index).1,
-                    mark: inner2.mark_base | index,
-                };
+                let slot = SlotRef::new(inner2.cfg.pool, inner2.mark_base, index);
                 lock(&inner2.factory).unmake(index)?;
                 conntrack::flush_mark(slot.mark)?;
                 script.push_str(&inner2.nft.remove_script(&slot));
@@ -832,11 +827,7 @@ async fn make_slots(inner: &Arc<Inner>, n: usize) -> Result<Vec<Made>, NetError>
                     return Err(e);
                 }
             };
-            let slot = SlotRef {
-                index,
-                address: slot::addresses(inner2.cfg.pool, index).1,
-                mark: inner2.mark_base | index,
-            };
+            let slot = SlotRef::new(inner2.cfg.pool, inner2.mark_base, index);
             script.push_str(
                 &inner2
                     .nft
@@ -848,11 +839,11 @@ async fn make_slots(inner: &Arc<Inner>, n: usize) -> Result<Vec<Made>, NetError>
             let mut undo = String::new();
             for m in &made {
                 let _ = lock(&inner2.factory).unmake(m.index);
-                undo.push_str(&inner2.nft.remove_script(&SlotRef {
-                    index: m.index,
-                    address: slot::addresses(inner2.cfg.pool, m.index).1,
-                    mark: inner2.mark_base | m.index,
-                }));
+                undo.push_str(&inner2.nft.remove_script(&SlotRef::new(
+                    inner2.cfg.pool,
+                    inner2.mark_base,
+                    m.index,
+                )));
             }
             let _ = nft::run(&undo);
             return Err(e);

@@ -182,12 +182,8 @@ impl Rtnl {
         )
     }
 
-    /// IPv4 routes of the main table as (destination, prefix length, is-connected), skipping
-    /// those through interfaces whose name starts with `skip_prefix`.
-    pub(crate) fn connected_routes(
-        &mut self,
-        skip_prefix: &str,
-    ) -> io::Result<Vec<(Ipv4Addr, u8)>> {
+    /// Interface names by index.
+    fn link_map(&mut self) -> io::Result<std::collections::HashMap<u32, String>> {
         let mut links = std::collections::HashMap::new();
         self.exchange(
             RouteNetlinkMessage::GetLink(LinkMessage::default()),
@@ -202,6 +198,13 @@ impl Rtnl {
                 }
             },
         )?;
+        Ok(links)
+    }
+
+    /// IPv4 routes of the main table with the names of the interfaces they leave through (one,
+    /// or each next hop's of a multipath route).
+    fn main_routes(&mut self) -> io::Result<Vec<(RouteMessage, Vec<String>)>> {
+        let links = self.link_map()?;
         let mut msg = RouteMessage::default();
         msg.header.address_family = AddressFamily::Inet;
         let mut out = Vec::new();
@@ -212,26 +215,60 @@ impl Rtnl {
                 let RouteNetlinkMessage::NewRoute(r) = m else {
                     return;
                 };
-                if r.header.scope != RouteScope::Link || r.header.table != 254 {
+                if r.header.table != 254 {
                     return;
                 }
-                let mut dst = None;
-                let mut oif = None;
+                let mut oifs = Vec::new();
                 for a in &r.attributes {
                     match a {
-                        RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = Some(*d),
-                        RouteAttribute::Oif(i) => oif = Some(*i),
+                        RouteAttribute::Oif(i) => oifs.extend(links.get(i).cloned()),
+                        RouteAttribute::MultiPath(hops) => oifs.extend(
+                            hops.iter()
+                                .filter_map(|h| links.get(&h.interface_index).cloned()),
+                        ),
                         _ => {}
                     }
                 }
-                let skip = oif
-                    .and_then(|i| links.get(&i))
-                    .is_some_and(|n| n.starts_with(skip_prefix) || n == "lo");
-                if let (Some(d), false) = (dst, skip) {
-                    out.push((d, r.header.destination_prefix_length));
-                }
+                out.push((r, oifs));
             },
         )?;
         Ok(out)
+    }
+
+    /// Directly connected IPv4 networks of the main table as (destination, prefix length),
+    /// skipping those through `lo` and interfaces whose name starts with `skip_prefix`.
+    pub(crate) fn connected_routes(
+        &mut self,
+        skip_prefix: &str,
+    ) -> io::Result<Vec<(Ipv4Addr, u8)>> {
+        Ok(self
+            .main_routes()?
+            .into_iter()
+            .filter(|(r, oifs)| {
+                r.header.scope == RouteScope::Link
+                    && !oifs.iter().any(|n| n.starts_with(skip_prefix) || n == "lo")
+            })
+            .filter_map(|(r, _)| {
+                r.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(d)) => {
+                        Some((*d, r.header.destination_prefix_length))
+                    }
+                    _ => None,
+                })
+            })
+            .collect())
+    }
+
+    /// Names of the interfaces the main table's IPv4 default routes leave through.
+    pub(crate) fn default_route_links(&mut self) -> io::Result<Vec<String>> {
+        let mut names: Vec<String> = self
+            .main_routes()?
+            .into_iter()
+            .filter(|(r, _)| r.header.destination_prefix_length == 0)
+            .flat_map(|(_, oifs)| oifs)
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
     }
 }

@@ -16,10 +16,16 @@
 //!   (drop), `p_N` (allowed private networks), `private` (drop), `l_N` (addresses learnt by
 //!   DNS, with timeouts), `a_N` (allowOut), `d_N` (denyOut: drop), accept.
 //! * `input`: from `PFX*` only DNS to the resolver port and TCP to the resolver and proxy
-//!   ports; those ports are closed to every other interface.
+//!   ports, and only on the host end of the sandbox's own link (set `links`: interface .
+//!   gateway address); the resolver's and proxy's sockets (found by their `SO_MARK`) are closed
+//!   to every other interface but `lo`.
 //! * `prerouting` (nat): DNS to any address is redirected to the resolver; for slots in the
 //!   `inspect` set, TCP 80/443 to a denied, not allowed, not learnt address goes to the proxy.
 //! * `postrouting` (nat): the pool is masqueraded behind the host's address.
+//! * Forward guard (only when this server turned `ip_forward` on): new connections from one
+//!   of the host's uplinks to another are dropped, so the host does not start routing for its
+//!   neighbours; nothing else is touched, so other servers and workloads keep their traffic
+//!   even while a stopped server's table stays in place.
 
 use std::fmt::Write as _;
 use std::io::{self, Write};
@@ -104,8 +110,17 @@ pub(crate) struct Base<'a> {
     pub(crate) lan: &'a [Ipv4Net],
     pub(crate) dns_port: u16,
     pub(crate) proxy_port: u16,
-    /// Drop forwarded traffic that neither comes from nor goes to a sandbox (set when this
-    /// server turned forwarding on: the host was not a router before).
+    /// `SO_MARK` of the resolver's and proxy's sockets: the input chain closes exactly those
+    /// sockets to every interface but the sandboxes' and `lo` (matching by port instead would,
+    /// once this server stops and leaves its table, close the same port of another server).
+    pub(crate) socket_mark: u32,
+    /// The host's uplinks (see `Factory::uplinks`).
+    pub(crate) uplinks: &'a [String],
+    /// Drop new forwarded connections from one uplink to another (set when this server turned
+    /// forwarding on: the host was not a router before). Scoped to uplinks so that it never
+    /// touches traffic of other servers' sandboxes or other forwarding workloads (containers,
+    /// VMs, VPNs), which enter or leave through their own virtual interfaces, and so a stopped
+    /// server's table left in place cuts nobody off.
     pub(crate) forward_guard: bool,
 }
 
@@ -113,8 +128,24 @@ pub(crate) struct Base<'a> {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct SlotRef {
     pub(crate) index: u32,
+    /// The host end of the slot's link: the only address its sandbox may reach the resolver
+    /// and proxy on.
+    pub(crate) gateway: Ipv4Addr,
     pub(crate) address: Ipv4Addr,
     pub(crate) mark: u32,
+}
+
+impl SlotRef {
+    /// Slot `index` of `pool`, for the server whose conntrack marks start at `mark_base`.
+    pub(crate) fn new(pool: Ipv4Net, mark_base: u32, index: u32) -> SlotRef {
+        let (gateway, address) = crate::slot::addresses(pool, index);
+        SlotRef {
+            index,
+            gateway,
+            address,
+            mark: mark_base | index,
+        }
+    }
 }
 
 impl Nft {
@@ -132,10 +163,18 @@ impl Nft {
         private.extend(b.lan.iter().filter(|n| !b.pool.contains(*n)));
         let (dns, proxy) = (b.dns_port, b.proxy_port);
         let guard = if b.forward_guard {
-            "        ct state established,related accept\n        drop\n"
+            "        iifname @uplinks oifname @uplinks ct state established,related accept\n        \
+             iifname @uplinks oifname @uplinks drop\n"
         } else {
             ""
         };
+        let uplinks = if b.uplinks.is_empty() {
+            String::new()
+        } else {
+            let quoted: Vec<String> = b.uplinks.iter().map(|u| format!("\"{u}\"")).collect();
+            format!(" elements = {{ {} }};", quoted.join(", "))
+        };
+        let mark = b.socket_mark;
         let mut s = format!(
             r#"table inet {t} {{}}
 delete table inet {t}
@@ -143,6 +182,8 @@ table inet {t} {{
     set hard {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {hard} }} }}
     set private {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {private} }} }}
     set inspect {{ type ipv4_addr; }}
+    set uplinks {{ type ifname;{uplinks} }}
+    set links {{ type ifname . ipv4_addr; }}
     map fwd_slots {{ type ifname : verdict; }}
     map nat_slots {{ type ifname : verdict; }}
     chain forward {{
@@ -156,12 +197,12 @@ table inet {t} {{
     chain input {{
         type filter hook input priority filter; policy accept;
         iifname "{p}*" jump from_sandbox
-        iifname != "lo" tcp dport {{ {dns}, {proxy} }} drop
-        iifname != "lo" udp dport {dns} drop
+        iifname != "lo" socket mark {mark} drop
     }}
     chain from_sandbox {{
         meta nfproto ipv6 drop
         ct state established,related accept
+        iifname . ip daddr != @links drop
         udp dport {dns} accept
         tcp dport {{ {dns}, {proxy} }} accept
         drop
@@ -217,8 +258,10 @@ add rule inet {t} n_{n} tcp dport 53 redirect to :{dns}
 add rule inet {t} n_{n} ip saddr @inspect tcp dport {{ 80, 443 }} ip daddr @d_{n} ip daddr != @a_{n} ip daddr != @p_{n} ip daddr != @l_{n} redirect to :{proxy}
 add element inet {t} fwd_slots {{ "{ifname}" : jump s_{n} }}
 add element inet {t} nat_slots {{ "{ifname}" : jump n_{n} }}
+add element inet {t} links {{ "{ifname}" . {g} }}
 "#,
             burst = NEW_CONNS_PER_SEC * 2,
+            g = slot.gateway,
         )
     }
 
@@ -239,6 +282,9 @@ add element inet {t} nat_slots {{ "{ifname}" : jump n_{n} }}
         }
         let _ = writeln!(s, "add element inet {t} inspect {{ {a} }}");
         let _ = writeln!(s, "delete element inet {t} inspect {{ {a} }}");
+        let link = format!("\"{ifname}\" . {}", slot.gateway);
+        let _ = writeln!(s, "add element inet {t} links {{ {link} }}");
+        let _ = writeln!(s, "delete element inet {t} links {{ {link} }}");
         for chain in ["s", "n"] {
             let _ = writeln!(s, "flush chain inet {t} {chain}_{n}");
             let _ = writeln!(s, "delete chain inet {t} {chain}_{n}");

@@ -197,4 +197,24 @@ impl Factory {
             .filter_map(|(addr, len)| Ipv4Net::new(addr, len).ok())
             .collect())
     }
+
+    /// The host's uplinks: the interfaces its IPv4 default routes leave through and every
+    /// interface backed by a device (`/sys/class/net/<if>/device`: a NIC, not a veth, bridge,
+    /// tunnel or VPN). Routing from one uplink to another is what turning `ip_forward` on newly
+    /// allows and what no local workload (containers, VMs, other servers' sandboxes) needs.
+    pub(crate) fn uplinks(&mut self) -> io::Result<Vec<String>> {
+        let mut names = self.host.default_route_links()?;
+        for entry in fs::read_dir("/sys/class/net")? {
+            let entry = entry?;
+            if entry.path().join("device").exists()
+                && let Some(name) = entry.file_name().to_str()
+            {
+                names.push(name.to_owned());
+            }
+        }
+        names.retain(|n| n != "lo" && !n.starts_with(&self.prefix));
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
 }

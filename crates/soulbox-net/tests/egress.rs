@@ -202,6 +202,11 @@ fn remove_stale_worlds() {
         let _ = Command::new("nft")
             .args(["delete", "table", "inet", &format!("sbnettest{pid}")])
             .output();
+        let _ = soulbox_net::remove_host_state(
+            &format!("sbnettestb{pid}"),
+            std::path::Path::new("/nonexistent"),
+            false,
+        );
     }
 }
 
@@ -302,6 +307,21 @@ fn tcp(ns: &Arc<OwnedFd>, to: SocketAddrV4, payload: Vec<u8>) -> Result<String, 
     })
 }
 
+/// Whether a TCP connection to `to` opens from inside the sandbox.
+fn connects(ns: &Arc<OwnedFd>, to: SocketAddrV4) -> bool {
+    in_netns(ns, move || {
+        TcpStream::connect_timeout(&SocketAddr::V4(to), Duration::from_millis(1500)).is_ok()
+    })
+}
+
+fn nft_list(table: &str) -> String {
+    let out = Command::new("nft")
+        .args(["list", "table", "inet", table])
+        .output()
+        .expect("nft");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn http(ns: &Arc<OwnedFd>, ip: Ipv4Addr, host: &str) -> Result<String, String> {
     tcp(
         ns,
@@ -344,6 +364,15 @@ fn resolve(
     server: Ipv4Addr,
     name: &str,
 ) -> Result<(ResponseCode, Vec<Ipv4Addr>), String> {
+    resolve_at(ns, SocketAddrV4::new(server, 53), name)
+}
+
+/// Asks `server` for the A records of `name` from inside the sandbox.
+fn resolve_at(
+    ns: &Arc<OwnedFd>,
+    server: SocketAddrV4,
+    name: &str,
+) -> Result<(ResponseCode, Vec<Ipv4Addr>), String> {
     let name = name.to_owned();
     in_netns(ns, move || {
         let sock = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
@@ -356,7 +385,7 @@ fn resolve(
             Name::from_ascii(&name).map_err(|e| e.to_string())?,
             RecordType::A,
         ));
-        sock.send_to(&q.to_vec().map_err(|e| e.to_string())?, (server, 53))
+        sock.send_to(&q.to_vec().map_err(|e| e.to_string())?, server)
             .map_err(|e| e.to_string())?;
         let mut buf = [0u8; 1500];
         let n = sock.recv(&mut buf).map_err(|e| e.to_string())?;
@@ -384,10 +413,17 @@ fn cfg(internet: bool, allow: &[&str], deny: &[&str]) -> EgressConfig {
 }
 
 fn netcfg(name: &str, state: &std::path::Path, ready: usize) -> NetConfig {
+    netcfg_in(name, state, ready, 198)
+}
+
+/// A config whose slot pool is `10.<second>.<pid % 250>.0/24`.
+fn netcfg_in(name: &str, state: &std::path::Path, ready: usize, second: u8) -> NetConfig {
     let pid = std::process::id();
     NetConfig {
         name: name.to_owned(),
-        pool: format!("10.198.{}.0/24", pid % 250).parse().expect("pool"),
+        pool: format!("10.{second}.{}.0/24", pid % 250)
+            .parse()
+            .expect("pool"),
         state_dir: state.to_path_buf(),
         // Only `.test` names go to the world's DNS server: the default upstream is a black hole.
         upstream_dns: vec![SocketAddr::from(([192, 0, 2, 255], 53))],
@@ -532,6 +568,100 @@ async fn egress_policy_end_to_end() {
         "hello",
         "own service",
     );
+
+    // The resolver and proxy answer only on the host end of a sandbox's own link, not on the
+    // gateway address of another slot (their sockets listen on every address).
+    let (dns_port, proxy_port) = net.ports();
+    assert_eq!(
+        resolve_at(
+            &ns,
+            SocketAddrV4::new(open.gateway, dns_port),
+            "allowed.test"
+        )
+        .expect("resolver on the own gateway")
+        .0,
+        ResponseCode::NoError
+    );
+    assert!(
+        resolve_at(
+            &ns,
+            SocketAddrV4::new(peer.gateway, dns_port),
+            "allowed.test"
+        )
+        .is_err(),
+        "the resolver answered on another slot's gateway"
+    );
+    assert!(connects(&ns, SocketAddrV4::new(open.gateway, proxy_port)));
+    for port in [dns_port, proxy_port] {
+        assert!(
+            !connects(&ns, SocketAddrV4::new(peer.gateway, port)),
+            "port {port} opened on another slot's gateway"
+        );
+    }
+
+    // Two servers side by side (issue 12): a second server that turned forwarding on carries
+    // a forward guard; neither it running nor the table it leaves behind when it stops cuts
+    // this server's sandboxes off, and its stale input rules close none of our ports.
+    let other_state = tempfile::tempdir().expect("tempdir");
+    // What `Network::start` records when it turns `ip_forward` on (this host has it on).
+    std::fs::write(other_state.path().join(".forwarding-enabled"), b"1").expect("marker");
+    let other_name = format!("sbnettestb{}", std::process::id());
+    let other = Network::start(netcfg_in(&other_name, other_state.path(), 1, 197))
+        .await
+        .expect("start a second server");
+    assert!(
+        nft_list(other.table()).contains("iifname @uplinks oifname @uplinks drop"),
+        "the second server has a forward guard: {}",
+        nft_list(other.table())
+    );
+    let theirs = other
+        .acquire("theirs", &EgressConfig::default())
+        .await
+        .expect("acquire on the second server");
+    let theirs_ns = theirs.netns.clone().expect("netns");
+    ok(
+        http(&theirs_ns, ALLOWED, "x"),
+        "hello from 203.0.113.10",
+        "the second server's sandbox",
+    );
+    ok(
+        http(&ns, ALLOWED, "x"),
+        "hello from 203.0.113.10",
+        "a sandbox beside a guarded server",
+    );
+    let other_table = other.table().to_owned();
+    drop(other);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        nft_list(&other_table).contains("@uplinks"),
+        "a stopped server keeps its table"
+    );
+    ok(
+        http(&ns, ALLOWED, "x"),
+        "hello from 203.0.113.10",
+        "a sandbox beside a stopped server's table",
+    );
+    let fresh = net
+        .acquire("fresh", &EgressConfig::default())
+        .await
+        .expect("acquire beside a stopped server's table");
+    let fresh_ns = fresh.netns.clone().expect("netns");
+    ok(
+        http(&fresh_ns, ALLOWED, "x"),
+        "hello from 203.0.113.10",
+        "a new sandbox beside a stopped server's table",
+    );
+    assert_eq!(
+        resolve(&fresh_ns, fresh.gateway, "allowed.test")
+            .expect("dns beside a stopped server's table")
+            .0,
+        ResponseCode::NoError
+    );
+    drop((fresh_ns, fresh, theirs_ns, theirs));
+    net.release("fresh").await.expect("release");
+    let removed = soulbox_net::remove_host_state(&other_table, other_state.path(), false)
+        .expect("take the stopped server off the host");
+    assert!(removed.table, "{removed:?}");
 
     // Spoofed source addresses do not get out (IP_FREEBIND lets any process send them).
     let spoofed = in_netns(&ns, move || {
