@@ -22,6 +22,8 @@
 //! loopback (a port number is all that crosses to the agent). A sandbox can hold at most
 //! [`Limits::max_tunnels_per_sandbox`] tunnels, so it cannot starve others of tunnels.
 
+#![forbid(unsafe_code)]
+
 mod auth;
 mod envd;
 mod ports;
@@ -50,7 +52,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-pub use auth::{SignedParams, signature};
+pub use auth::{SignatureError, SignedParams, signature};
 pub use ports::TRAFFIC_TOKEN_HEADER;
 pub use routing::{Target, host_name, is_internal};
 pub use tls::{CertificateSource, Certificates, LocalCa, TlsError, validate_domain};
@@ -371,9 +373,9 @@ impl Inner {
             );
         }
         match envd::route_by_signature(&self.manager, &req) {
-            Some(route) => envd::handle(&self.manager, &self.agents, &route, req, true).await,
-            // The sandbox that signed it is gone (or never was).
-            None => reply::not_found(""),
+            Ok(route) => envd::handle(&self.manager, &self.agents, &route, req, true).await,
+            // Expired, or no live sandbox signed it: envd's 401.
+            Err(e) => envd_error(StatusCode::UNAUTHORIZED, e.message()),
         }
     }
 

@@ -7,6 +7,8 @@
 //! directory and is created 0600. It holds envd access tokens in clear (the gateway must verify
 //! signatures with them) and API keys only as sha256 hashes.
 
+#![forbid(unsafe_code)]
+
 mod keys;
 mod templates;
 

@@ -10,6 +10,8 @@
 //! What sandboxed code can do with this: a template rootfs is only ever a read-only overlay lower
 //! layer, so writes inside a sandbox land in its own upper directory, never here.
 
+#![forbid(unsafe_code)]
+
 pub mod copy;
 pub mod dockerfile;
 pub mod layers;
