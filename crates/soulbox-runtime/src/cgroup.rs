@@ -1,15 +1,20 @@
 //! cgroups on v1, v2 and hybrid hosts.
 //!
 //! The layout is read from `/proc/self/mountinfo` once. Every controller the runtime needs
-//! (memory, cpu, pids) is taken from the v1 hierarchy that carries it, else from cgroup2. A
+//! (memory, cpu, pids) is taken from the v1 hierarchy that carries it, else from cgroup2. Where
+//! cpuset and cpuacct are v1 hierarchies of their own, the sandbox gets a group (without
+//! limits) there too, under the same path: lxcfs finds a process's CPU quota and usage by its
+//! cpuset and cpuacct paths, as if every hierarchy had the same layout. A
 //! sandbox gets a group named by its id under `<mount>/<cgroup_name>/` in each such hierarchy,
 //! plus one in the cgroup2 hierarchy whenever it exists, even without controllers (hybrid
 //! hosts), because `cgroup.kill` there kills a whole group atomically. Without cgroup2 the v1
 //! freezer stops the group while its tasks are signalled, so none can fork away.
 //!
-//! The sandbox never sees this tree: it gets a cgroup namespace rooted at its own group and no
-//! cgroupfs mount, so it cannot move itself out or raise its limits.
+//! The sandbox never sees this tree: it gets a cgroup namespace rooted at its own group, and
+//! at `/sys/fs/cgroup` read-only mounts of its own group in each of these hierarchies (see
+//! [`Cgroups::views`]), so it can read its limits but not move itself out or raise them.
 
+use std::ffi::CString;
 use std::fs;
 use std::io::{ErrorKind, Write};
 use std::os::fd::OwnedFd;
@@ -32,6 +37,8 @@ struct Roles {
     cpu: bool,
     pids: bool,
     freezer: bool,
+    /// v1 cpuset: new groups need `cpuset.cpus` and `cpuset.mems` before tasks can join.
+    cpuset: bool,
 }
 
 #[derive(Debug)]
@@ -42,6 +49,22 @@ struct Hierarchy {
     parent: PathBuf,
     v2: bool,
     roles: Roles,
+    /// v1 only: the controllers bound to it (`name=…` included), as it must be mounted again.
+    controllers: Vec<String>,
+}
+
+/// One hierarchy as the sandbox mounts it, from inside its cgroup namespace (so the mount's
+/// root is the sandbox's own group).
+#[derive(Debug)]
+pub(crate) struct CgroupView {
+    /// The directory under `/sys/fs/cgroup` (the host mount's name: `memory`, `unified`, …);
+    /// unused when the host has a single cgroup2 hierarchy, which is `/sys/fs/cgroup` itself.
+    pub(crate) dir: CString,
+    pub(crate) v2: bool,
+    /// v1: the controllers, each a flag of the `cgroup` filesystem.
+    pub(crate) flags: Vec<CString>,
+    /// v1: the `name=` of a named hierarchy.
+    pub(crate) name: Option<CString>,
 }
 
 #[derive(Debug)]
@@ -92,7 +115,7 @@ fn parse_mountinfo(text: &str) -> Vec<CgroupMount> {
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape(s: &str) -> String {
+pub(crate) fn unescape(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -121,21 +144,35 @@ impl Roles {
             "cpu" => self.cpu = true,
             "pids" => self.pids = true,
             "freezer" => self.freezer = true,
+            "cpuset" => self.cpuset = true,
             _ => {}
         }
     }
 }
 
-/// Adds `role` to the hierarchy mounted at `mount`, adding the hierarchy if it is new.
-fn place(hs: &mut Vec<Hierarchy>, name: &str, mount: &Path, v2: bool, role: Option<&str>) {
-    let i = match hs.iter().position(|h| h.mount == mount) {
+/// Adds `role` to the hierarchy `m`, adding the hierarchy if it is new. `known` are the
+/// kernel's controller names (`/proc/cgroups`): the v1 mount options that are controllers.
+fn place(
+    hs: &mut Vec<Hierarchy>,
+    name: &str,
+    m: &CgroupMount,
+    known: &[String],
+    role: Option<&str>,
+) {
+    let i = match hs.iter().position(|h| h.mount == m.mount) {
         Some(i) => i,
         None => {
             hs.push(Hierarchy {
-                mount: mount.to_path_buf(),
-                parent: mount.join(name),
-                v2,
+                mount: m.mount.clone(),
+                parent: m.mount.join(name),
+                v2: m.v2,
                 roles: Roles::default(),
+                controllers: m
+                    .controllers
+                    .iter()
+                    .filter(|c| c.starts_with("name=") || known.contains(c))
+                    .cloned()
+                    .collect(),
             });
             hs.len() - 1
         }
@@ -148,6 +185,18 @@ fn place(hs: &mut Vec<Hierarchy>, name: &str, mount: &Path, v2: bool, role: Opti
 fn make_parents(hs: &[Hierarchy]) -> Result<(), RuntimeError> {
     for h in hs {
         fs::create_dir_all(&h.parent).ctx(|| format!("mkdir {}", h.parent.display()))?;
+        if h.roles.cpuset && !h.v2 {
+            // All the root's CPUs and memory nodes, inherited by every sandbox group.
+            for file in ["cpuset.cpus", "cpuset.mems"] {
+                let own = fs::read_to_string(h.parent.join(file)).unwrap_or_default();
+                if own.trim().is_empty() {
+                    let root = fs::read_to_string(h.mount.join(file))
+                        .ctx(|| format!("read {}/{file}", h.mount.display()))?;
+                    write_file(&h.parent.join(file), root.trim())?;
+                }
+            }
+            write_file(&h.parent.join("cgroup.clone_children"), "1")?;
+        }
     }
     Ok(())
 }
@@ -166,12 +215,18 @@ impl Cgroups {
         let mountinfo =
             fs::read_to_string("/proc/self/mountinfo").ctx(|| "read /proc/self/mountinfo")?;
         let mounts = parse_mountinfo(&mountinfo);
-        let v2_mount = mounts.iter().find(|m| m.v2).map(|m| m.mount.clone());
-        let v2_controllers = match &v2_mount {
-            Some(m) => fs::read_to_string(m.join("cgroup.controllers"))
-                .ctx(|| format!("read {}/cgroup.controllers", m.display()))?,
+        let v2_mount = mounts.iter().find(|m| m.v2);
+        let v2_controllers = match v2_mount {
+            Some(m) => fs::read_to_string(m.mount.join("cgroup.controllers"))
+                .ctx(|| format!("read {}/cgroup.controllers", m.mount.display()))?,
             None => String::new(),
         };
+        let known: Vec<String> = fs::read_to_string("/proc/cgroups")
+            .ctx(|| "read /proc/cgroups")?
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+            .collect();
         let mut hierarchies: Vec<Hierarchy> = Vec::new();
         let find_v1 = |c: &str| {
             mounts
@@ -180,20 +235,24 @@ impl Cgroups {
         };
         for controller in ["memory", "cpu", "pids"] {
             if let Some(m) = find_v1(controller) {
-                place(&mut hierarchies, name, &m.mount, false, Some(controller));
-            } else if let Some(m) = v2_mount
-                .as_ref()
-                .filter(|_| v2_controllers.split_whitespace().any(|c| c == controller))
+                place(&mut hierarchies, name, m, &known, Some(controller));
+            } else if let Some(m) =
+                v2_mount.filter(|_| v2_controllers.split_whitespace().any(|c| c == controller))
             {
-                place(&mut hierarchies, name, m, true, Some(controller));
+                place(&mut hierarchies, name, m, &known, Some(controller));
             } else {
                 return Err(RuntimeError::Unsupported(format!(
                     "no cgroup hierarchy has the {controller} controller"
                 )));
             }
         }
-        if let Some(m) = &v2_mount {
-            place(&mut hierarchies, name, m, true, None);
+        for controller in ["cpuset", "cpuacct"] {
+            if let Some(m) = find_v1(controller) {
+                place(&mut hierarchies, name, m, &known, Some(controller));
+            }
+        }
+        if let Some(m) = v2_mount {
+            place(&mut hierarchies, name, m, &known, None);
         }
         make_parents(&hierarchies)?;
         let v2_kill = hierarchies
@@ -206,7 +265,7 @@ impl Cgroups {
                         .into(),
                 ));
             };
-            place(&mut hierarchies, name, &m.mount, false, Some("freezer"));
+            place(&mut hierarchies, name, m, &known, Some("freezer"));
             make_parents(&hierarchies)?;
         }
         for h in hierarchies.iter().filter(|h| h.v2) {
@@ -421,6 +480,38 @@ impl Cgroups {
         ids
     }
 
+    /// The hierarchies a sandbox mounts at `/sys/fs/cgroup`: those it has a group in, and no
+    /// other (in the others its cgroup namespace's root would be the server's group).
+    pub(crate) fn views(&self) -> Result<Vec<CgroupView>, RuntimeError> {
+        let cstr = |s: &str| {
+            CString::new(s).map_err(|_| RuntimeError::Unsupported(format!("cgroup option {s:?}")))
+        };
+        self.hierarchies
+            .iter()
+            .map(|h| {
+                let dir = h
+                    .mount
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or("unified");
+                let mut flags = Vec::new();
+                let mut name = None;
+                for c in &h.controllers {
+                    match c.strip_prefix("name=") {
+                        Some(n) => name = Some(cstr(n)?),
+                        None => flags.push(cstr(c)?),
+                    }
+                }
+                Ok(CgroupView {
+                    dir: cstr(dir)?,
+                    v2: h.v2,
+                    flags,
+                    name,
+                })
+            })
+            .collect()
+    }
+
     /// The sandbox's group directories, for tests and diagnostics.
     pub(crate) fn dirs(&self, id: &str) -> Vec<PathBuf> {
         self.groups(id).map(|(_, d)| d).collect()
@@ -488,6 +579,7 @@ mod tests {
                     freezer: true,
                     ..Roles::default()
                 },
+                controllers: vec!["freezer".into()],
             }],
             v2_kill: false,
             name,

@@ -1,7 +1,7 @@
 //! Linux sandboxes: namespaces, user namespace mapping, overlay root, cgroups v1/v2, spawn/kill/adopt.
 //!
-//! A sandbox is one process tree: its PID 1 (the agent) runs in fresh pid, mount, uts, ipc, net
-//! and cgroup namespaces, inside a user namespace that maps sandbox uid/gid 0..65536 onto an
+//! A sandbox is one process tree: its PID 1 (the agent) runs in fresh pid, mount, uts, ipc, net,
+//! cgroup and time namespaces, inside a user namespace that maps sandbox uid/gid 0..65536 onto an
 //! unprivileged host range that no other live sandbox uses. The mount, net, uts and ipc
 //! namespaces are created by host root *before* the process joins its user namespace, so they
 //! are owned by the host user namespace: sandbox root holds no capability over them and cannot
@@ -18,12 +18,14 @@
 mod cgroup;
 mod disk;
 mod error;
+mod lxcfs;
 mod proc;
 mod rootfs;
 mod seccomp;
 mod spawn;
 mod sys;
 mod userns;
+mod views;
 
 use std::collections::{BTreeSet, HashSet};
 use std::ffi::CString;
@@ -43,6 +45,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::Context;
 pub use disk::prepare_state_fs;
 pub use error::RuntimeError;
+pub use lxcfs::{Lxcfs, lxcfs_pidfile, start_lxcfs, stop_lxcfs};
 
 /// Where the runtime keeps its state and what it runs inside every sandbox.
 #[derive(Debug, Clone)]
@@ -141,10 +144,14 @@ struct Inner {
     devnull: OwnedFd,
     /// `state_dir/.attach`, see [`spawn::Plan::attach_point`].
     attach_point: CString,
+    /// `state_dir/.attach/boot_id`, see [`spawn::Plan::boot_id_path`].
+    boot_id_path: CString,
     /// The seccomp filter, built once.
     seccomp: Vec<libc::sock_filter>,
     /// Disk limits, when `state_dir` is on btrfs.
     disk: Option<disk::Disk>,
+    /// What sandboxes see of their machine: lxcfs files, cgroups (see `views`).
+    views: views::Views,
 }
 
 /// The directory inside `state_dir` every sandbox's root is attached on (in its own mount
@@ -236,7 +243,15 @@ fn join_error(e: tokio::task::JoinError) -> RuntimeError {
 impl Runtime {
     /// Checks the host (root, cgroup layout, agent binary), creates `state_dir` and the parent
     /// cgroups, and reserves the uid ranges of sandboxes whose state directories still exist.
+    /// Sandboxes see the host's `/proc/meminfo`, `cpuinfo`, … (see [`Runtime::with_lxcfs`]).
     pub fn new(cfg: RuntimeConfig) -> Result<Runtime, RuntimeError> {
+        Runtime::with_lxcfs(cfg, None)
+    }
+
+    /// [`Runtime::new`], with sandboxes seeing their own memory, CPUs, uptime and load in
+    /// `/proc` through the lxcfs mounted on `lxcfs` (see [`start_lxcfs`]). If its files
+    /// cannot be opened, this warns and goes on as [`Runtime::new`].
+    pub fn with_lxcfs(cfg: RuntimeConfig, lxcfs: Option<&Path>) -> Result<Runtime, RuntimeError> {
         if !rustix::process::geteuid().is_root() {
             return Err(RuntimeError::Unsupported(
                 "sandboxes need root (namespaces, cgroups, mounts)".into(),
@@ -274,7 +289,10 @@ impl Runtime {
         host_only(&attach)?;
         let attach_point = CString::new(attach.as_os_str().as_bytes())
             .map_err(|_| RuntimeError::InvalidSpec("state_dir contains NUL".into()))?;
+        let boot_id_path = CString::new(attach.join(views::BOOT_ID).as_os_str().as_bytes())
+            .map_err(|_| RuntimeError::InvalidSpec("state_dir contains NUL".into()))?;
         let cgroups = cgroup::Cgroups::new(name)?;
+        let views = views::Views::new(lxcfs, cgroups.views()?)?;
         let seccomp = seccomp::program()?;
         let disk = disk::Disk::new(&cfg.state_dir)?;
         if disk.is_none() {
@@ -304,8 +322,10 @@ impl Runtime {
                 cgroups,
                 devnull,
                 attach_point,
+                boot_id_path,
                 seccomp,
                 disk,
+                views,
             }),
         })
     }
@@ -505,6 +525,7 @@ impl Inner {
         let listener =
             UnixListener::bind(&socket_path).ctx(|| format!("bind {}", socket_path.display()))?;
         let listener = above_stdio(listener.into())?;
+        let mounts = self.views.prepare(dir, uid_base)?;
         let cgroup_procs = self.cgroups.create(&spec.id, &spec.limits)?;
         let cstr = |s: &str| CString::new(s).map_err(|_| RuntimeError::InvalidSpec(s.into()));
         let plan = spawn::Plan {
@@ -512,6 +533,7 @@ impl Inner {
             hostname: spec.id.clone(),
             tree,
             attach_point: self.attach_point.clone(),
+            boot_id_path: self.boot_id_path.clone(),
             userns,
             listener,
             devnull: self.devnull.as_fd(),
@@ -528,6 +550,9 @@ impl Inner {
             nofile: spec.limits.open_files,
             seccomp: &self.seccomp,
             netns: net.map(|n| n.netns.as_fd()),
+            mounts,
+            cgroups: &self.views.cgroups,
+            cpus: views::affinity(spec.limits.cpu_count),
         };
         let pid = spawn::spawn(&plan)?;
         drop(plan);

@@ -6,13 +6,14 @@
 //!                 bind-mounted from the host; fd stdin stdout stderr ptmx symlinks
 //! /dev/pts        devpts, a private instance: ptmxmode=0666, tty group = sandbox gid 5
 //! /dev/shm        tmpfs 1777, as big as the memory limit (its pages count against it anyway)
-//! /proc           mounted by the sandbox's PID 1 (it must be inside the new pid namespace)
+//! /proc           mounted by the sandbox's PID 1 (it must be inside the new pid namespace),
+//!                 with lxcfs's views and the boot id bound over some files (`crate::views`)
+//! /sys            a read-only sysfs mounted by PID 1, masked, with the sandbox's own cgroups
+//!                 at /sys/fs/cgroup (`crate::views`)
 //! /.soulbox/bin/soulbox   the agent binary, bind-mounted read-only, nosuid
 //! ```
 //!
-//! `/sys` is deliberately absent (the template's empty directory stays empty): sysfs would show
-//! host hardware and firmware, and nothing the sandbox needs lives there (CPU count and memory
-//! come from `sched_getaffinity` and `/proc`). `/tmp` and `/run` are plain overlay directories.
+//! `/tmp` and `/run` are plain overlay directories.
 //!
 //! Template layers are built from user Dockerfiles, so their contents are not trusted either:
 //! every path the host resolves inside the tree goes through `openat2` with
@@ -51,6 +52,8 @@ pub(crate) struct Tree {
     pub(crate) root: OwnedFd,
     /// The `/proc` directory inside `root`, where PID 1 attaches its proc mount.
     pub(crate) proc_dir: OwnedFd,
+    /// The `/sys` directory inside `root`, where PID 1 attaches its sysfs mount.
+    pub(crate) sys_dir: OwnedFd,
 }
 
 /// The overlay's upper and work directories inside the sandbox's state directory.
@@ -76,7 +79,12 @@ pub(crate) fn build(s: &TreeSpec<'_>) -> Result<Tree, RuntimeError> {
     let dev_dir = ensure_dir(root.as_fd(), "dev").ctx(|| "rootfs: /dev")?;
     attach(&dev, &dev_dir).ctx(|| "attach /dev")?;
     let proc_dir = ensure_dir(root.as_fd(), "proc").ctx(|| "rootfs: /proc")?;
-    Ok(Tree { root, proc_dir })
+    let sys_dir = ensure_dir(root.as_fd(), "sys").ctx(|| "rootfs: /sys")?;
+    Ok(Tree {
+        root,
+        proc_dir,
+        sys_dir,
+    })
 }
 
 fn overlay(s: &TreeSpec<'_>) -> Result<OwnedFd, RuntimeError> {

@@ -12,19 +12,25 @@
 //! 1. `setsid` — own session: nothing of the server's terminal or process group reaches it.
 //! 2. Reset every signal disposition to default (the server's handlers must not run here);
 //!    raise RLIMIT_NOFILE for the setup (the inherited descriptor table can be larger than the
-//!    sandbox's limit; step 7 sets that, once nothing more is opened).
+//!    sandbox's limit; step 8 sets that, once nothing more is opened).
 //! 3. Move itself into its cgroups (writes `0` to each `cgroup.procs`), then unshare a cgroup
 //!    namespace rooted there: limits apply before it runs anything.
 //! 4. Hostname = sandbox id; join the pre-made network namespace if one was given; bring `lo` up (one ioctl: no helper process, no netlink); let
 //!    sandbox users bind low ports and ping (see [`NET_SYSCTLS`]).
-//! 5. Make every inherited mount private, mount `/proc` (it must be mounted from inside the new
-//!    pid namespace), attach the detached root tree, `pivot_root` into it and detach the old
+//! 5. Restrict the CPU affinity to the sandbox's CPUs (`crate::views::affinity`), and unshare
+//!    a time namespace whose monotonic and boot-time clocks start at 0 now
+//!    ([`new_time_namespace`]; PID 1 enters it at exec).
+//! 6. Make every inherited mount private, mount `/proc` (it must be mounted from inside the new
+//!    pid namespace) with the lxcfs files and the boot id bound over its files, mount a
+//!    read-only `/sys` (a fresh sysfs of the sandbox's network namespace, masked, with the
+//!    sandbox's own cgroups at `/sys/fs/cgroup`, mounted from inside its cgroup namespace; see
+//!    `crate::views`), attach the detached root tree, `pivot_root` into it and detach the old
 //!    root: nothing of the host's filesystem stays reachable.
-//! 6. Join the sandbox user namespace and become its root (uid/gid 0, no supplementary groups).
+//! 7. Join the sandbox user namespace and become its root (uid/gid 0, no supplementary groups).
 //!    The mount, uts, ipc and net namespaces were created by host root before this, so they
 //!    belong to the host user namespace and sandbox root has no capability over them. Drop
 //!    the bounding set to [`KEPT_CAPS`].
-//! 7. stdin/stdout/stderr = `/dev/null` (the host's, opened beforehand), the agent's listening
+//! 8. stdin/stdout/stderr = `/dev/null` (the host's, opened beforehand), the agent's listening
 //!    socket = fd 3, every other descriptor close-on-exec; RLIMIT_NOFILE soft 1024, hard the
 //!    limit; install the seccomp filter (`crate::seccomp`); unblock signals; exec the agent.
 //!
@@ -42,21 +48,24 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 
-use rustix::fs::Mode;
+use rustix::fs::{AtFlags, Mode, OFlags, openat, statat};
 use rustix::io::Errno;
 use rustix::mount::{
-    FsMountFlags, FsOpenFlags, MountAttrFlags, MountPropagationFlags, MoveMountFlags, UnmountFlags,
-    fsconfig_create, fsmount, fsopen, mount_change, move_mount, unmount,
+    FsMountFlags, FsOpenFlags, MountAttrFlags, MountFlags, MountPropagationFlags, MoveMountFlags,
+    OpenTreeFlags, UnmountFlags, fsconfig_create, fsconfig_set_flag, fsconfig_set_string, fsmount,
+    fsopen, mount_change, mount_remount, move_mount, open_tree, unmount,
 };
 use rustix::process::{chdir, pivot_root, setsid, umask};
 use rustix::thread::{
-    CapabilitySet, Gid, LinkNameSpaceType, Uid, UnshareFlags, move_into_link_name_space,
-    set_thread_groups, set_thread_res_gid, set_thread_res_uid, unshare_unsafe,
+    CapabilitySet, CpuSet, Gid, LinkNameSpaceType, Uid, UnshareFlags, move_into_link_name_space,
+    sched_setaffinity, set_thread_groups, set_thread_res_gid, set_thread_res_uid, unshare_unsafe,
 };
 
 use crate::RuntimeError;
+use crate::cgroup::CgroupView;
 use crate::rootfs::Tree;
 use crate::sys::{SignalsBlocked, Stack, clone_vm};
+use crate::views::{self, Bind};
 
 /// Where the agent is inside every sandbox.
 pub(crate) const AGENT_PATH: &CStr = c"/.soulbox/bin/soulbox";
@@ -72,6 +81,8 @@ pub(crate) struct Plan<'a> {
     /// An empty host directory to attach the root tree on before `pivot_root` (in the child's
     /// private mount namespace only, so every sandbox can use the same one).
     pub(crate) attach_point: CString,
+    /// `<attach_point>/boot_id`.
+    pub(crate) boot_id_path: CString,
     pub(crate) userns: OwnedFd,
     /// The agent's listening socket (≥ 4, so it survives setting up 0–3).
     pub(crate) listener: OwnedFd,
@@ -85,6 +96,12 @@ pub(crate) struct Plan<'a> {
     pub(crate) seccomp: &'a [libc::sock_filter],
     /// A pre-made network namespace to join instead of creating one.
     pub(crate) netns: Option<BorrowedFd<'a>>,
+    /// The lxcfs files, the boot id and the `/sys/fs/cgroup` tmpfs (`crate::views`).
+    pub(crate) mounts: views::Mounts,
+    /// The hierarchies to mount at `/sys/fs/cgroup`.
+    pub(crate) cgroups: &'a [CgroupView],
+    /// PID 1's CPUs, when fewer than the server's.
+    pub(crate) cpus: Option<CpuSet>,
 }
 
 /// What the child reads: raw descriptors and pointers only, shared with the parent (CLONE_VM).
@@ -93,7 +110,18 @@ struct Shared<'a> {
     hostname: &'a [u8],
     tree: RawFd,
     proc_dir: RawFd,
+    /// Mounts to attach on files of the fresh `/proc` and `/sys`: (relative path, mount).
+    proc_binds: &'a [(&'a CStr, RawFd)],
+    sys_dir: RawFd,
+    sys_binds: &'a [(&'a CStr, RawFd)],
+    cgroups: &'a [CgroupView],
+    /// -1: none (one cgroup2 hierarchy, mounted at `/sys/fs/cgroup` directly).
+    cgroup_tmpfs: RawFd,
+    cpus: Option<&'a CpuSet>,
+    boot_id: &'a [u8],
     attach_point: &'a CStr,
+    /// `<attach_point>/boot_id`.
+    boot_id_path: &'a CStr,
     userns: RawFd,
     listener: RawFd,
     devnull: RawFd,
@@ -116,25 +144,31 @@ mod step {
     pub(super) const CGROUP_NS: usize = 3;
     pub(super) const HOSTNAME: usize = 4;
     pub(super) const LOOPBACK: usize = 5;
-    pub(super) const PRIVATE_MOUNTS: usize = 6;
-    pub(super) const MOUNT_PROC: usize = 7;
-    pub(super) const ATTACH_ROOT: usize = 8;
-    pub(super) const PIVOT_ROOT: usize = 9;
-    pub(super) const JOIN_USERNS: usize = 10;
-    pub(super) const BECOME_ROOT: usize = 11;
-    pub(super) const DROP_CAPS: usize = 12;
-    pub(super) const DESCRIPTORS: usize = 13;
-    pub(super) const SECCOMP: usize = 14;
-    pub(super) const EXEC: usize = 15;
-    pub(super) const NAMES: [&str; 16] = [
+    pub(super) const AFFINITY: usize = 6;
+    pub(super) const TIME_NS: usize = 7;
+    pub(super) const PRIVATE_MOUNTS: usize = 8;
+    pub(super) const MOUNT_PROC: usize = 9;
+    pub(super) const MOUNT_SYS: usize = 10;
+    pub(super) const ATTACH_ROOT: usize = 11;
+    pub(super) const PIVOT_ROOT: usize = 12;
+    pub(super) const JOIN_USERNS: usize = 13;
+    pub(super) const BECOME_ROOT: usize = 14;
+    pub(super) const DROP_CAPS: usize = 15;
+    pub(super) const DESCRIPTORS: usize = 16;
+    pub(super) const SECCOMP: usize = 17;
+    pub(super) const EXEC: usize = 18;
+    pub(super) const NAMES: [&str; 19] = [
         "setsid",
         "set resource limits",
         "join cgroup",
         "unshare cgroup namespace",
         "set hostname",
         "set up the network namespace",
+        "set CPU affinity",
+        "set up the time namespace",
         "make mounts private",
         "mount /proc",
+        "mount /sys",
         "attach root",
         "pivot_root",
         "join user namespace",
@@ -162,12 +196,29 @@ pub(crate) fn spawn(plan: &Plan<'_>) -> Result<i32, RuntimeError> {
         .map(|a| a.as_ptr())
         .chain([std::ptr::null()])
         .collect();
+    let raw = |binds: &[Bind]| -> Vec<(&CStr, RawFd)> {
+        binds.iter().map(|(p, fd)| (*p, fd.as_raw_fd())).collect()
+    };
+    let proc_binds = raw(&plan.mounts.proc);
+    let sys_binds = raw(&plan.mounts.sys);
     let shared = Shared {
         procs: &procs,
         hostname: plan.hostname.as_bytes(),
         tree: plan.tree.root.as_raw_fd(),
         proc_dir: plan.tree.proc_dir.as_raw_fd(),
+        proc_binds: &proc_binds,
+        sys_dir: plan.tree.sys_dir.as_raw_fd(),
+        sys_binds: &sys_binds,
+        cgroups: plan.cgroups,
+        cgroup_tmpfs: plan
+            .mounts
+            .cgroup_tmpfs
+            .as_ref()
+            .map_or(-1, |fd| fd.as_raw_fd()),
+        cpus: plan.cpus.as_ref(),
+        boot_id: &plan.mounts.boot_id,
         attach_point: &plan.attach_point,
+        boot_id_path: &plan.boot_id_path,
         userns: plan.userns.as_raw_fd(),
         listener: plan.listener.as_raw_fd(),
         devnull: plan.devnull.as_raw_fd(),
@@ -282,13 +333,20 @@ fn setup_and_exec(s: &Shared<'_>) -> Result<Infallible, Failed> {
     for (path, value) in NET_SYSCTLS {
         write_file(path, value).map_err(|e| (step::LOOPBACK, e))?;
     }
+    if let Some(cpus) = s.cpus {
+        sched_setaffinity(None, cpus).map_err(at(step::AFFINITY))?;
+    }
+    new_time_namespace().map_err(|e| (step::TIME_NS, e))?;
 
     mount_change(
         c"/",
         MountPropagationFlags::REC | MountPropagationFlags::PRIVATE,
     )
     .map_err(at(step::PRIVATE_MOUNTS))?;
-    mount_proc(fd(s.proc_dir)).map_err(at(step::MOUNT_PROC))?;
+    mount_proc(s).map_err(at(step::MOUNT_PROC))?;
+    // Still host root, in the sandbox's network and cgroup namespaces: sysfs shows that
+    // network namespace, cgroupfs that cgroup namespace's root (the sandbox's own groups).
+    mount_sys(s).map_err(at(step::MOUNT_SYS))?;
     move_mount(
         fd(s.tree),
         c"",
@@ -541,22 +599,207 @@ fn loopback_up() -> Result<(), i32> {
     Ok(())
 }
 
-/// A fresh proc instance for the new pid namespace, mounted on the tree's `/proc`.
-fn mount_proc(proc_dir: BorrowedFd<'_>) -> Result<(), Errno> {
+/// Attaches the detached mounts `binds` on paths below the (detached) mount `mnt`.
+fn attach_binds(mnt: BorrowedFd<'_>, binds: &[(&CStr, RawFd)]) -> Result<(), Errno> {
+    for &(path, raw) in binds {
+        // SAFETY: the descriptors are owned by the parent's plan, which outlives this child
+        // (CLONE_VFORK), and this child's copy of the descriptor table holds them too.
+        let from = unsafe { BorrowedFd::borrow_raw(raw) };
+        move_mount(
+            from,
+            c"",
+            mnt,
+            path,
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+        )?;
+    }
+    Ok(())
+}
+
+/// Moves the detached mount `mnt` onto `target` (below `dir`, or `dir` itself if empty).
+fn attach_at(mnt: BorrowedFd<'_>, dir: BorrowedFd<'_>, target: &CStr) -> Result<(), Errno> {
+    let to_empty = if target.is_empty() {
+        MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH
+    } else {
+        MoveMountFlags::empty()
+    };
+    move_mount(
+        mnt,
+        c"",
+        dir,
+        target,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | to_empty,
+    )
+}
+
+const NOSUID_NODEV_NOEXEC: MountAttrFlags = MountAttrFlags::MOUNT_ATTR_NOSUID
+    .union(MountAttrFlags::MOUNT_ATTR_NODEV)
+    .union(MountAttrFlags::MOUNT_ATTR_NOEXEC);
+const READ_ONLY: MountAttrFlags = NOSUID_NODEV_NOEXEC.union(MountAttrFlags::MOUNT_ATTR_RDONLY);
+
+/// A fresh proc instance for the new pid namespace, with the lxcfs files and the boot id on
+/// some of its files, mounted on the tree's `/proc`.
+fn mount_proc(s: &Shared<'_>) -> Result<(), Errno> {
     let fs = fsopen(c"proc", FsOpenFlags::FSOPEN_CLOEXEC)?;
     fsconfig_create(&fs)?;
-    let mnt = fsmount(
-        &fs,
-        FsMountFlags::FSMOUNT_CLOEXEC,
-        MountAttrFlags::MOUNT_ATTR_NOSUID
-            | MountAttrFlags::MOUNT_ATTR_NODEV
-            | MountAttrFlags::MOUNT_ATTR_NOEXEC,
-    )?;
-    move_mount(
+    let mnt = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, NOSUID_NODEV_NOEXEC)?;
+    attach_binds(mnt.as_fd(), s.proc_binds)?;
+    let boot_id = boot_id_mount(s)?;
+    attach_at(boot_id.as_fd(), mnt.as_fd(), c"sys/kernel/random/boot_id")?;
+    // SAFETY: owned by the parent's plan, which outlives this child (CLONE_VFORK).
+    attach_at(
         mnt.as_fd(),
+        unsafe { BorrowedFd::borrow_raw(s.proc_dir) },
         c"",
-        proc_dir,
-        c"",
-        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
     )
+}
+
+/// The boot id as a read-only file mount from a tmpfs of its own, so that mountinfo names no
+/// host path. The tmpfs is attached for a moment on the attach point (before Linux 6.15 only
+/// mounts of our own namespace can be cloned), made read-only and the file cloned from it,
+/// then detached again; the clone keeps it.
+fn boot_id_mount(s: &Shared<'_>) -> Result<OwnedFd, Errno> {
+    let fs = fsopen(c"tmpfs", FsOpenFlags::FSOPEN_CLOEXEC)?;
+    fsconfig_set_string(&fs, c"size", c"4k")?;
+    fsconfig_set_string(&fs, c"nr_inodes", c"4")?;
+    fsconfig_create(&fs)?;
+    let tmp = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, NOSUID_NODEV_NOEXEC)?;
+    let file = openat(
+        &tmp,
+        c"boot_id",
+        OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o444),
+    )?;
+    if rustix::io::write(&file, s.boot_id)? != s.boot_id.len() {
+        return Err(Errno::IO);
+    }
+    drop(file);
+    attach_at(tmp.as_fd(), rustix::fs::CWD, s.attach_point)?;
+    let clone = mount_remount(
+        s.attach_point,
+        MountFlags::BIND
+            | MountFlags::RDONLY
+            | MountFlags::NOSUID
+            | MountFlags::NODEV
+            | MountFlags::NOEXEC,
+        c"",
+    )
+    .and_then(|()| {
+        open_tree(
+            rustix::fs::CWD,
+            s.boot_id_path,
+            OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
+        )
+    });
+    unmount(s.attach_point, UnmountFlags::DETACH)?;
+    clone
+}
+
+/// A read-only fresh sysfs with [`views::SYS_MASKS`] hidden, the lxcfs files bound over its
+/// files, and the sandbox's cgroups at `fs/cgroup`, mounted on the tree's `/sys`.
+fn mount_sys(s: &Shared<'_>) -> Result<(), Errno> {
+    let fs = fsopen(c"sysfs", FsOpenFlags::FSOPEN_CLOEXEC)?;
+    fsconfig_create(&fs)?;
+    let sys = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, READ_ONLY)?;
+    for mask in views::SYS_MASKS {
+        match statat(&sys, mask, AtFlags::SYMLINK_NOFOLLOW) {
+            Err(Errno::NOENT) => continue,
+            other => other?,
+        };
+        let fs = fsopen(c"tmpfs", FsOpenFlags::FSOPEN_CLOEXEC)?;
+        fsconfig_set_string(&fs, c"size", c"4k")?;
+        fsconfig_create(&fs)?;
+        let empty = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, READ_ONLY)?;
+        attach_at(empty.as_fd(), sys.as_fd(), mask)?;
+    }
+    attach_binds(sys.as_fd(), s.sys_binds)?;
+    if s.cgroup_tmpfs >= 0 {
+        // SAFETY: owned by the parent's plan, which outlives this child (CLONE_VFORK).
+        let tmpfs = unsafe { BorrowedFd::borrow_raw(s.cgroup_tmpfs) };
+        for view in s.cgroups {
+            attach_at(cgroup_mount(view)?.as_fd(), tmpfs, &view.dir)?;
+        }
+        attach_at(tmpfs, sys.as_fd(), c"fs/cgroup")?;
+    } else if let Some(view) = s.cgroups.first() {
+        attach_at(cgroup_mount(view)?.as_fd(), sys.as_fd(), c"fs/cgroup")?;
+    }
+    // SAFETY: as above.
+    attach_at(
+        sys.as_fd(),
+        unsafe { BorrowedFd::borrow_raw(s.sys_dir) },
+        c"",
+    )
+}
+
+/// A read-only mount of one cgroup hierarchy; made inside the sandbox's cgroup namespace, its
+/// root is the sandbox's own group.
+fn cgroup_mount(view: &CgroupView) -> Result<OwnedFd, Errno> {
+    let fstype = if view.v2 { c"cgroup2" } else { c"cgroup" };
+    let fs = fsopen(fstype, FsOpenFlags::FSOPEN_CLOEXEC)?;
+    for flag in &view.flags {
+        fsconfig_set_flag(&fs, flag.as_c_str())?;
+    }
+    if let Some(name) = &view.name {
+        fsconfig_set_string(&fs, c"name", name.as_c_str())?;
+    }
+    fsconfig_create(&fs)?;
+    fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, READ_ONLY)
+}
+
+/// Unshares a time namespace (the caller stays in its own; it enters the new one at exec)
+/// whose `CLOCK_MONOTONIC` and `CLOCK_BOOTTIME` read 0 now: `uptime` and `/proc/uptime` start
+/// at the sandbox's boot, as in a VM. Done as host root, so the namespace is the host user
+/// namespace's and its offsets, frozen once PID 1 is in it, can never change.
+fn new_time_namespace() -> Result<(), i32> {
+    // SAFETY: unsharing the time namespace only changes which one the next exec enters.
+    unsafe { unshare_unsafe(UnshareFlags::NEWTIME) }.map_err(|e| e.raw_os_error())?;
+    let mut buf = [0u8; 128];
+    let mut len = 0;
+    for clock in [libc::CLOCK_MONOTONIC, libc::CLOCK_BOOTTIME] {
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes the timespec we pass (the vDSO, or one syscall).
+        if unsafe { libc::clock_gettime(clock, &mut now) } < 0 {
+            return Err(last_errno());
+        }
+        // The offset is -now, with its nanoseconds in [0, 1e9) as the kernel wants them.
+        let (sec, nsec) = if now.tv_nsec == 0 {
+            (-now.tv_sec, 0)
+        } else {
+            (-now.tv_sec - 1, 1_000_000_000 - now.tv_nsec)
+        };
+        for (value, end) in [(i64::from(clock), b' '), (sec, b' '), (nsec, b'\n')] {
+            len += put_decimal(&mut buf[len..], value).ok_or(libc::ENOSPC)?;
+            *buf.get_mut(len).ok_or(libc::ENOSPC)? = end;
+            len += 1;
+        }
+    }
+    write_file(c"/proc/self/timens_offsets", &buf[..len])
+}
+
+/// Writes `value` in decimal at the start of `out`; returns the length, or `None` if it does
+/// not fit. (No formatting machinery: this runs in the cloned child.)
+fn put_decimal(out: &mut [u8], value: i64) -> Option<usize> {
+    let mut digits = [0u8; 20];
+    let mut n = value.unsigned_abs();
+    let mut count = 0;
+    loop {
+        digits[count] = b'0' + (n % 10) as u8;
+        count += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let sign = usize::from(value < 0);
+    let out = out.get_mut(..sign + count)?;
+    if sign == 1 {
+        out[0] = b'-';
+    }
+    for (o, d) in out[sign..].iter_mut().zip(digits[..count].iter().rev()) {
+        *o = *d;
+    }
+    Some(sign + count)
 }

@@ -68,12 +68,32 @@ impl Env {
 
     /// A runtime on `state_dir`, which the caller cleans up.
     pub fn at(tag: &str, agent: &Path, state_dir: &Path) -> Env {
+        Env::at_with_lxcfs(tag, agent, state_dir, None)
+    }
+
+    /// A runtime whose sandboxes see the lxcfs mounted on `lxcfs`.
+    pub fn with_lxcfs(tag: &str, lxcfs: &Path) -> Env {
+        let state = tempfile::Builder::new()
+            .prefix("sbx-")
+            .tempdir()
+            .expect("tempdir");
+        let mut env = Env::at_with_lxcfs(
+            tag,
+            &agent_py(),
+            &state.path().join("sandboxes"),
+            Some(lxcfs),
+        );
+        env._state = Some(state);
+        env
+    }
+
+    fn at_with_lxcfs(tag: &str, agent: &Path, state_dir: &Path, lxcfs: Option<&Path>) -> Env {
         let cfg = RuntimeConfig {
             state_dir: state_dir.to_path_buf(),
             agent_binary: agent.to_path_buf(),
             cgroup_name: format!("soulbox-test-{}-{tag}", std::process::id()),
         };
-        let rt = Runtime::new(cfg.clone()).expect("Runtime::new");
+        let rt = Runtime::with_lxcfs(cfg.clone(), lxcfs).expect("Runtime::new");
         Env {
             rt,
             cfg,
