@@ -1,9 +1,10 @@
 //! `soulbox down`: takes what a stopped server left running off the host.
 //!
 //! `soulbox serve` stops without touching its sandboxes (a restart re-adopts them), so a
-//! stopped server can leave sandboxes running, its nftables table, and the sandboxes' disk
-//! image mounted. `down` removes all of that for one data dir, and refuses while a server
-//! holds it. Templates, keys and the database stay: the next `serve` starts from them.
+//! stopped server can leave sandboxes running, its nftables table, its lxcfs, and the
+//! sandboxes' disk image mounted. `down` removes all of that for one data dir, and refuses
+//! while a server holds it. Templates, keys and the database stay: the next `serve` starts
+//! from them.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -14,7 +15,7 @@ use nix::mount::{MntFlags, umount2};
 use soulbox_runtime::{Runtime, RuntimeConfig};
 use soulbox_store::Store;
 
-use crate::serve::{self, DEFAULT_DATA_DIR, STATE_DIR, net::NETWORK_DIR};
+use crate::serve::{self, DEFAULT_DATA_DIR, LXCFS_DIR, STATE_DIR, net::NETWORK_DIR};
 
 #[derive(clap::Args)]
 pub struct DownArgs {
@@ -66,6 +67,12 @@ async fn down(args: DownArgs) -> anyhow::Result<()> {
     runtime.remove_parent_cgroups();
     // The runtime holds the state dir open, which would keep its file system busy.
     drop(runtime);
+    if soulbox_runtime::stop_lxcfs(&data.join(LXCFS_DIR)).context("stopping lxcfs")? {
+        println!(
+            "stopped lxcfs and detached {}",
+            data.join(LXCFS_DIR).display()
+        );
+    }
 
     let db = data.join("soulbox.db");
     if db.exists() {

@@ -28,6 +28,9 @@ const DISK_IMAGE: &str = "sandboxes.img";
 const MIN_DISK_IMAGE_MB: u64 = 1024;
 /// The runtime's empty attach point in the state dir (`soulbox_runtime`'s `.attach`).
 const ATTACH_DIR: &str = ".attach";
+/// Where this data dir's own lxcfs is mounted (its pid in `lxcfs.pid`, its output in
+/// `lxcfs.log`): the sandboxes' views of `/proc` (see [`start_lxcfs`]).
+pub(crate) const LXCFS_DIR: &str = "lxcfs";
 
 /// The host's CA bundle on Debian (`ca-certificates`).
 const DEFAULT_BUILD_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
@@ -132,14 +135,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let state_dir = data.join(STATE_DIR);
     prepare_disk_limits(&state_dir, &data.join(DISK_IMAGE), args.disk_image_mb)?;
-    let runtime = Runtime::new(RuntimeConfig {
-        state_dir,
-        agent_binary: install_agent_binary(data)?,
-        cgroup_name: match &args.cgroup_name {
-            Some(name) => name.clone(),
-            None => cgroup_name(data)?,
+    let lxcfs = start_lxcfs(data);
+    let runtime = Runtime::with_lxcfs(
+        RuntimeConfig {
+            state_dir,
+            agent_binary: install_agent_binary(data)?,
+            cgroup_name: match &args.cgroup_name {
+                Some(name) => name.clone(),
+                None => cgroup_name(data)?,
+            },
         },
-    })
+        lxcfs.as_deref(),
+    )
     .context("starting the sandbox runtime")?;
     let domain_mode = args.domain.prepare(data).await?;
     let net_name = match &args.cgroup_name {
@@ -294,6 +301,33 @@ fn admin_key(data: &Path) -> anyhow::Result<String> {
 /// A state dir that a server without disk limits filled is not mounted over (that would hide
 /// its sandboxes' files): such a start runs without limits, says so, and the first start that
 /// finds the dir empty again (its sandboxes killed or reaped) turns them on.
+/// Starts (or re-uses) this data dir's lxcfs and returns its mount point; `None`, with a
+/// warning, when it is not installed or does not come up: sandboxes then see the host's
+/// `/proc/meminfo`, `/proc/cpuinfo`, … (everything else of their view stays).
+fn start_lxcfs(data: &Path) -> Option<PathBuf> {
+    let mount = data.join(LXCFS_DIR);
+    match soulbox_runtime::start_lxcfs(&mount) {
+        Ok(Some(l)) => {
+            tracing::info!(pid = l.pid, reused = l.reused, mount = %mount.display(), "lxcfs ready");
+            Some(mount)
+        }
+        Ok(None) => {
+            tracing::warn!(
+                "lxcfs is not installed (scripts/install-deps): sandboxes see the host's \
+                 memory, CPUs and uptime in /proc"
+            );
+            None
+        }
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "lxcfs did not start: sandboxes see the host's memory, CPUs and uptime in /proc"
+            );
+            None
+        }
+    }
+}
+
 fn prepare_disk_limits(state_dir: &Path, image: &Path, size_mb: Option<u64>) -> anyhow::Result<()> {
     if size_mb == Some(0) {
         tracing::warn!("--disk-image-mb 0: sandbox disk limits are off");
