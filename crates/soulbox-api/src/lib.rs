@@ -4,6 +4,8 @@
 //! but `GET /health` needs an API key (`X-API-Key`, any case, or `Authorization: Bearer`), and
 //! every error, axum's own rejections included, answers `{"code": status, "message": …}`.
 
+#![forbid(unsafe_code)]
+
 mod error;
 mod network;
 pub mod query;
@@ -22,7 +24,8 @@ use axum::routing::{get, post, put};
 use axum::serve::ListenerExt;
 use serde::de::DeserializeOwned;
 use soulbox_core::{
-    CLIENT_ID, CreateRequest, ENVD_VERSION, ListRequest, Manager, SandboxInfo, validate_timeout,
+    CLIENT_ID, CreateRequest, ENVD_VERSION, ListRequest, Manager, SandboxInfo,
+    validate_new_timeout, validate_timeout,
 };
 use soulbox_wire::rest::{
     ConnectSandboxV2, ListedSandbox, NewSandbox, Sandbox, SandboxDetail, SandboxState,
@@ -254,7 +257,9 @@ async fn set_timeout(
     body: Bytes,
 ) -> Result<StatusCode, ApiError> {
     let req: TimeoutRequest = parse_json(&body)?;
-    m.set_timeout(&id, validate_timeout(req.timeout)?).await?;
+    // 0 expires the sandbox now (E2B: 204, then the sandbox is gone).
+    m.set_timeout(&id, validate_new_timeout(req.timeout)?)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -272,12 +272,13 @@ async fn bad_timeouts_are_400_and_create_nothing() {
             }
         }
     }
-    for timeout in [-1, 0] {
+    // Setting a timeout takes 0 (expire now, as E2B does), not less.
+    for timeout in [json!(-1), json!(24 * 3600 + 1), json!(0.5)] {
         let r = s
             .api(
                 Method::POST,
                 &format!("/sandboxes/{UNKNOWN}/timeout"),
-                Some(json!({"timeout": timeout})),
+                Some(json!({ "timeout": timeout })),
             )
             .await;
         assert_error(&r, StatusCode::BAD_REQUEST);
@@ -312,6 +313,11 @@ async fn unknown_sandbox_is_404_everywhere() {
             Method::POST,
             format!("/sandboxes/{UNKNOWN}/timeout"),
             Some(json!({"timeout": 30})),
+        ),
+        (
+            Method::POST,
+            format!("/sandboxes/{UNKNOWN}/timeout"),
+            Some(json!({"timeout": 0})),
         ),
         (
             Method::POST,
@@ -602,4 +608,18 @@ async fn info_timeout_and_connect_on_a_stored_sandbox() {
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     let r = s.api(Method::GET, &format!("/sandboxes/{id}"), None).await;
     assert!((end(&r) - Utc::now()).num_seconds() >= 1990);
+
+    // 0 expires it now (E2B answers 204 and the sandbox is gone; this row has no live
+    // sandbox to reap, so its deadline is what shows it).
+    let r = s
+        .api(
+            Method::POST,
+            &format!("/sandboxes/{id}/timeout"),
+            Some(json!({"timeout": 0})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{:?}", r.body);
+    let r = s.api(Method::GET, &format!("/sandboxes/{id}"), None).await;
+    let left = (end(&r) - Utc::now()).num_milliseconds();
+    assert!((-5000..=0).contains(&left), "{left}");
 }

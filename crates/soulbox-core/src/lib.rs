@@ -506,9 +506,13 @@ impl Manager {
         Ok(())
     }
 
-    /// Sets the sandbox to expire `timeout` from now (may shorten or extend).
+    /// Sets the sandbox to expire `timeout` from now (may shorten or extend). Zero expires it
+    /// now: its watcher reaps it right away, as E2B's API does for `{"timeout": 0}` (the SDKs'
+    /// `set_timeout(0)`, which E2B's own tests use to end a sandbox's life at once).
     pub async fn set_timeout(&self, id: &str, timeout: Duration) -> Result<(), CoreError> {
-        validate_timeout_duration(timeout)?;
+        if !timeout.is_zero() {
+            validate_timeout_duration(timeout)?;
+        }
         let end_at = now_millis() + to_chrono(timeout)?;
         self.move_deadline(id, end_at).await
     }
@@ -649,6 +653,19 @@ pub fn validate_timeout(seconds: i64) -> Result<Duration, CoreError> {
     Ok(d)
 }
 
+/// Checks the seconds of `POST /sandboxes/{id}/timeout`: unlike a create's or connect's
+/// timeout, 0 is valid there and means "expire now" (E2B's schema: `minimum: 0`); at most
+/// [`MAX_TIMEOUT`].
+pub fn validate_new_timeout(seconds: i64) -> Result<Duration, CoreError> {
+    match seconds {
+        0 => Ok(Duration::ZERO),
+        ..0 => Err(CoreError::InvalidArgument(
+            "Timeout must be greater than or equal to 0".into(),
+        )),
+        _ => validate_timeout(seconds),
+    }
+}
+
 /// Environment variable names must be non-empty without `=` or NUL, values without NUL:
 /// anything else cannot be passed to a process.
 fn validate_env_vars(env: &BTreeMap<String, String>) -> Result<(), CoreError> {
@@ -736,6 +753,13 @@ mod tests {
         assert!(validate_timeout(-5).is_err());
         assert!(validate_timeout(24 * 3600 + 1).is_err());
         assert_eq!(validate_timeout(300).ok(), Some(Duration::from_secs(300)));
+        assert_eq!(validate_new_timeout(0).ok(), Some(Duration::ZERO));
+        assert_eq!(
+            validate_new_timeout(300).ok(),
+            Some(Duration::from_secs(300))
+        );
+        assert!(validate_new_timeout(-1).is_err());
+        assert!(validate_new_timeout(24 * 3600 + 1).is_err());
     }
 
     #[test]

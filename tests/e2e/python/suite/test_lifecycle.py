@@ -86,6 +86,23 @@ def test_set_timeout_moves_end_at(make_sandbox):
         sbx.kill()
 
 
+def test_set_timeout_zero_expires_now(e2e, make_sandbox):
+    """E2B takes `set_timeout(0)` (schema `minimum: 0`) and expires the sandbox at once; E2B's own
+    SDK tests use it to end a sandbox now (docs/e2b-compatibility.md)."""
+    sbx = make_sandbox(timeout=300)
+    assert sbx.commands.run("echo alive").stdout == "alive\n"
+    sbx.set_timeout(0)
+    assert wait_until(lambda: not sbx.is_running(), timeout=30), "still running 30 s after set_timeout(0)"
+    assert wait_until(lambda: gone_from_api(sbx.sandbox_id), timeout=10), "API still lists it"
+    # Below 0 is still refused (E2B's request validation), before the sandbox is looked up.
+    r = httpx.post(
+        f"{e2e.api_url}/sandboxes/{UNKNOWN_ID}/timeout", json={"timeout": -1}, headers=e2e.api_headers()
+    )
+    assert r.status_code == 400, r.text
+    r = httpx.post(f"{e2e.api_url}/sandboxes/{UNKNOWN_ID}/timeout", json={"timeout": 0}, headers=e2e.api_headers())
+    assert r.status_code == 404, r.text
+
+
 # Values that break naive query-string handling (protocol doc §3.5).
 TRICKY_VALUES = [
     "plain",
