@@ -200,6 +200,27 @@ pub(crate) fn read_metadata(path: &Path) -> std::collections::HashMap<String, St
     out
 }
 
+/// The `size` of an entry: `st_size`, except that a directory's is rounded up to whole blocks
+/// of `st_blksize` (at least one).
+///
+/// E2B's sandboxes are ext4, where a directory's size is the blocks it occupies: 4096 for an
+/// empty or small one, and SDK users (and E2B's own tests: `size > 0` for a new directory)
+/// see that. SoulBox's root is an overlay whose upper layer is on btrfs, which reports a
+/// directory's size as the length of its index (0 for an empty directory, 14 for one with a
+/// seven-letter name in it). Rounding up to blocks keeps ext4's (and xfs's) values unchanged
+/// and gives btrfs and tmpfs directories the figure they would have on ext4 for small
+/// directories; files and symlinks keep their exact `st_size`.
+fn entry_size(meta: &std::fs::Metadata) -> u64 {
+    if !meta.is_dir() {
+        return meta.len();
+    }
+    let block = match meta.blksize() {
+        0 => 4096,
+        b => b,
+    };
+    meta.len().div_ceil(block).max(1).saturating_mul(block)
+}
+
 /// Describes `path` without following a final symlink.
 pub(crate) fn entry_info(path: &Path, names: &Names) -> std::io::Result<EntryInfo> {
     let meta = std::fs::symlink_metadata(path)?;
@@ -230,7 +251,7 @@ pub(crate) fn entry_info(path: &Path, names: &Names) -> std::io::Result<EntryInf
         name,
         r#type: ty as i32,
         path: path.to_string_lossy().into_owned(),
-        size: i64::try_from(meta.len()).unwrap_or(i64::MAX),
+        size: i64::try_from(entry_size(&meta)).unwrap_or(i64::MAX),
         mode: meta.permissions().mode() & 0o777,
         permissions: permissions_string(meta.mode()),
         owner: names.user(meta.uid()),

@@ -73,6 +73,46 @@ async fn stat_reports_type_owner_mode_and_symlinks() {
     std::fs::remove_dir_all(d).unwrap();
 }
 
+/// A directory's size is whole blocks, as on E2B's ext4, whatever the filesystem says (btrfs,
+/// under SoulBox's overlay, and tmpfs report 0 or a few bytes). Here on tmpfs (/dev/shm): an
+/// empty directory is 40 bytes there, one with 300 entries 6040.
+#[tokio::test]
+async fn directory_sizes_are_whole_blocks() {
+    let shm = std::path::Path::new("/dev/shm");
+    if !shm.is_dir() {
+        eprintln!("SKIPPED: no /dev/shm");
+        return;
+    }
+    let d = shm.join(format!("soulbox-agent-dirsize-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(d.join("empty")).unwrap();
+    std::fs::create_dir(d.join("full")).unwrap();
+    for i in 0..300 {
+        std::fs::write(d.join(format!("full/f{i}")), "").unwrap();
+    }
+    std::fs::write(d.join("file"), "12345").unwrap();
+    let fs_size = |p: &str| std::fs::metadata(d.join(p)).unwrap().len();
+    assert!(fs_size("empty") < 4096 && fs_size("full") > 4096);
+
+    let e = stat(d.join("empty").to_str().unwrap()).await.unwrap();
+    assert_eq!(e.size, 4096);
+    let r: pb::ListDirResponse = call(
+        "ListDir",
+        pb::ListDirRequest {
+            path: d.to_str().unwrap().into(),
+            depth: 1,
+        },
+    )
+    .await
+    .unwrap();
+    let sizes: std::collections::BTreeMap<String, i64> =
+        r.entries.into_iter().map(|e| (e.name, e.size)).collect();
+    assert_eq!(sizes["empty"], 4096);
+    assert_eq!(sizes["full"], 8192);
+    assert_eq!(sizes["file"], 5);
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
 #[tokio::test]
 async fn list_dir_depth_and_symlinked_dirs() {
     let d = scratch();

@@ -108,6 +108,20 @@ def test_get_info(shared_sandbox, d):
     assert info.permissions.startswith("-")
 
 
+def test_directory_size_is_whole_blocks(shared_sandbox, d):
+    """E2B's ext4 reports 4096 for a small directory (its tests: a new directory's size > 0); btrfs
+    under SoulBox's overlay reports 0 for an empty one. Sizes are rounded up to whole blocks
+    (docs/e2b-compatibility.md); files keep their exact size."""
+    assert shared_sandbox.files.make_dir(f"{d}/empty") is True
+    shared_sandbox.files.write(f"{d}/f.txt", "12345")
+    assert shared_sandbox.files.get_info(f"{d}/empty").size == 4096
+    entries = {e.name: e for e in shared_sandbox.files.list(d)}
+    assert entries["empty"].size == 4096
+    assert entries["f.txt"].size == 5
+    info = shared_sandbox.files.get_info(d)
+    assert info.size >= 4096 and info.size % 4096 == 0, info.size
+
+
 def test_make_dir(shared_sandbox, d):
     assert shared_sandbox.files.make_dir(f"{d}/new/nested") is True
     assert shared_sandbox.files.make_dir(f"{d}/new/nested") is False  # already exists
