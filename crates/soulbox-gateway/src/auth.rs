@@ -60,18 +60,12 @@ impl SignedParams {
         p
     }
 
-    /// Whether the request carries a signature that `token` made for `operation` and that has
-    /// not expired at `now` (unix seconds).
-    pub fn verify(&self, operation: &str, token: &str, now: i64) -> bool {
+    /// Whether the request carries a signature that `token` made for `operation`, expired or
+    /// not.
+    pub fn signed_by(&self, operation: &str, token: &str) -> bool {
         let Some(sig) = &self.signature else {
             return false;
         };
-        if let Some(exp) = &self.expiration {
-            match exp.parse::<i64>() {
-                Ok(exp) if exp >= now => {}
-                _ => return false,
-            }
-        }
         let expected = signature(
             &self.path,
             operation,
@@ -80,6 +74,47 @@ impl SignedParams {
             self.expiration.as_deref(),
         );
         ct_eq(expected.as_bytes(), sig.as_bytes())
+    }
+
+    /// Whether the request carries a signature that `token` made for `operation` and that has
+    /// not expired at `now` (unix seconds). Checked in envd's order: the signature, then its
+    /// expiry (valid through the second it names).
+    pub fn verify(&self, operation: &str, token: &str, now: i64) -> Result<(), SignatureError> {
+        if self.signature.is_none() {
+            return Err(SignatureError::Missing);
+        }
+        if !self.signed_by(operation, token) {
+            return Err(SignatureError::Invalid);
+        }
+        match self.expiration.as_deref().map(str::parse::<i64>) {
+            None => Ok(()),
+            Some(Ok(exp)) if exp >= now => Ok(()),
+            Some(Ok(_)) => Err(SignatureError::Expired),
+            Some(Err(_)) => Err(SignatureError::Invalid),
+        }
+    }
+}
+
+/// Why a signature does not authorise a `/files` request: envd's 401s, whose messages the
+/// SDKs' users (and E2B's tests) see in `{"code": 401, "message": …}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureError {
+    #[error("missing signature query parameter")]
+    Missing,
+    #[error("invalid signature")]
+    Invalid,
+    #[error("signature is already expired")]
+    Expired,
+}
+
+impl SignatureError {
+    /// The message of envd's error body.
+    pub fn message(self) -> &'static str {
+        match self {
+            SignatureError::Missing => "missing signature query parameter",
+            SignatureError::Invalid => "invalid signature",
+            SignatureError::Expired => "signature is already expired",
+        }
     }
 }
 
@@ -111,19 +146,38 @@ mod tests {
         let q = "path=%2Fhome%2Fuser%2Fa.txt&username=user&signature=v1_EVXhonI4FXkRVacIEW8ENJNFSOAqeucb1cj8%2FKGjBkc&signature_expiration=1700000000";
         let p = SignedParams::from_query(Some(q));
         assert_eq!(p.path, "/home/user/a.txt");
-        assert!(p.verify("write", "envd-tok", 1_699_999_999));
-        assert!(p.verify("write", "envd-tok", 1_700_000_000));
-        assert!(!p.verify("write", "envd-tok", 1_700_000_001), "expired");
-        assert!(!p.verify("read", "envd-tok", 0), "other operation");
-        assert!(!p.verify("write", "other-tok", 0), "other sandbox");
-        assert!(!SignedParams::from_query(Some("path=/a")).verify("read", "t", 0));
+        assert_eq!(p.verify("write", "envd-tok", 1_699_999_999), Ok(()));
+        assert_eq!(p.verify("write", "envd-tok", 1_700_000_000), Ok(()));
+        assert_eq!(
+            p.verify("write", "envd-tok", 1_700_000_001),
+            Err(SignatureError::Expired)
+        );
+        assert!(
+            p.signed_by("write", "envd-tok"),
+            "expired, but still its signature"
+        );
+        // The signature is checked before the expiry, as envd does.
+        let invalid = Err(SignatureError::Invalid);
+        assert_eq!(p.verify("read", "envd-tok", 1_800_000_000), invalid);
+        assert_eq!(p.verify("write", "other-tok", 0), invalid, "other sandbox");
+        assert_eq!(
+            SignedParams::from_query(Some("path=/a")).verify("read", "t", 0),
+            Err(SignatureError::Missing)
+        );
         let garbage_exp = SignedParams {
             signature: Some(signature("/a", "read", "", "t", Some("soon"))),
             path: "/a".into(),
             expiration: Some("soon".into()),
             ..SignedParams::default()
         };
-        assert!(!garbage_exp.verify("read", "t", 0));
+        assert_eq!(garbage_exp.verify("read", "t", 0), invalid);
+        for e in [
+            SignatureError::Missing,
+            SignatureError::Invalid,
+            SignatureError::Expired,
+        ] {
+            assert_eq!(e.message(), e.to_string());
+        }
     }
 
     #[test]

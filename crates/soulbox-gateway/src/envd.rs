@@ -17,7 +17,7 @@ use soulbox_core::{Manager, Route};
 use tokio::net::UnixStream;
 
 use crate::ResponseBody;
-use crate::auth::{self, SignedParams};
+use crate::auth::{self, SignatureError, SignedParams};
 use crate::reply::{self, envd_error, strip_hop_by_hop};
 use crate::routing::upstream_uri;
 
@@ -79,26 +79,34 @@ pub(crate) async fn handle(
     req: Request<Incoming>,
     signed: bool,
 ) -> Response<ResponseBody> {
-    if !signed && !authorized(route, &req) {
-        return envd_error(StatusCode::UNAUTHORIZED, reply::UNAUTHORIZED_MESSAGE);
+    if !signed && let Err(message) = authorize(route, &req) {
+        return envd_error(StatusCode::UNAUTHORIZED, message);
     }
     forward(manager, agents, route, req).await
 }
 
-/// Whether the request may reach the sandbox's envd (protocol doc §4.1).
-fn authorized(route: &Route, req: &Request<Incoming>) -> bool {
+/// Whether the request may reach the sandbox's envd (protocol doc §4.1); if not, envd's
+/// message for the 401.
+fn authorize(route: &Route, req: &Request<Incoming>) -> Result<(), &'static str> {
     let Some(token) = route.access_token.as_deref() else {
-        return true;
+        return Ok(());
     };
     if req.uri().path() == "/health" {
-        return true;
+        return Ok(());
     }
+    let operation = file_operation(req);
     if let Some(given) = req.headers().get("x-access-token") {
-        return auth::ct_eq(given.as_bytes(), token.as_bytes());
+        return match (auth::ct_eq(given.as_bytes(), token.as_bytes()), operation) {
+            (true, _) => Ok(()),
+            (false, Some(_)) => Err("access token present in header but does not match"),
+            (false, None) => Err(reply::UNAUTHORIZED_MESSAGE),
+        };
     }
-    match file_operation(req) {
-        Some(op) => SignedParams::from_query(req.uri().query()).verify(op, token, unix_now()),
-        None => false,
+    match operation {
+        Some(op) => SignedParams::from_query(req.uri().query())
+            .verify(op, token, unix_now())
+            .map_err(SignatureError::message),
+        None => Err(reply::UNAUTHORIZED_MESSAGE),
     }
 }
 
@@ -123,16 +131,27 @@ pub(crate) fn is_signed_files<B>(req: &Request<B>) -> bool {
 }
 
 /// A signed `/files` URL in single-URL mode names no sandbox: find the one whose token made
-/// the signature.
-pub(crate) fn route_by_signature<B>(manager: &Manager, req: &Request<B>) -> Option<Arc<Route>> {
-    let op = file_operation(req)?;
+/// the signature, then check its expiry. A signature no live sandbox made is `Invalid`: the
+/// URL does not say which sandbox it was for, so a killed sandbox's URL cannot be told from a
+/// forged one (with a sandbox in the URL, the first answers 502 "was not found").
+pub(crate) fn route_by_signature<B>(
+    manager: &Manager,
+    req: &Request<B>,
+) -> Result<Arc<Route>, SignatureError> {
+    let op = file_operation(req).ok_or(SignatureError::Missing)?;
     let params = SignedParams::from_query(req.uri().query());
-    let now = unix_now();
-    manager.find_route(|r| {
+    let signed_by = |r: &Route| {
         r.access_token
             .as_deref()
-            .is_some_and(|token| params.verify(op, token, now))
-    })
+            .is_some_and(|token| params.signed_by(op, token))
+    };
+    let route = manager
+        .find_route(signed_by)
+        .ok_or(SignatureError::Invalid)?;
+    if let Some(token) = route.access_token.as_deref() {
+        params.verify(op, token, unix_now())?;
+    }
+    Ok(route)
 }
 
 fn unix_now() -> i64 {

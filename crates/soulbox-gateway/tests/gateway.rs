@@ -8,7 +8,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use serde_json::Value;
+use serde_json::{Value, json};
 use soulbox_gateway::GatewayConfig;
 
 mod common;
@@ -148,26 +148,23 @@ async fn requests_without_a_sandbox() {
     let (status, body) = g.call(Method::POST, "/process.Process/List", &[]).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(body["code"], 400);
-    // A signed /files URL that no live sandbox signed.
+    // A signed /files URL that no live sandbox signed, expired or not: envd's 401 for a
+    // signature that is not the sandbox's (the URL names no sandbox that could be "not found").
     let sig = soulbox_gateway::signature("/home/user/a.txt", "read", "", "gone", None);
     let path = format!(
         "/files?path=%2Fhome%2Fuser%2Fa.txt&signature={}",
         sig.replace('/', "%2F").replace('+', "%2B")
     );
     let (status, body) = g.call(Method::GET, &path, &[]).await;
-    assert_eq!(status, StatusCode::BAD_GATEWAY);
-    assert!(
-        body["message"]
-            .as_str()
-            .unwrap_or("")
-            .contains("was not found")
-    );
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body, json!({"code": 401, "message": "invalid signature"}));
     let expired = format!(
         "{path}&signature_expiration={}",
         Utc::now().timestamp() - 10
     );
-    let (status, _) = g.call(Method::GET, &expired, &[]).await;
-    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    let (status, body) = g.call(Method::POST, &expired, &[]).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body, json!({"code": 401, "message": "invalid signature"}));
 }
 
 #[tokio::test]

@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 import os
 
+import httpx
 import pytest
 from e2b import FileNotFoundException, FileType, InvalidArgumentException
+
+from helpers import envd_headers
 
 
 @pytest.fixture
@@ -166,3 +169,39 @@ def test_other_missing_paths_are_not_found(shared_sandbox, d):
 def test_read_a_directory_is_an_error(shared_sandbox, d):
     with pytest.raises(InvalidArgumentException):
         shared_sandbox.files.read(d)
+
+
+def _fetch(method: str, url: str, sandbox_id: str | None, content: bytes | None = None) -> httpx.Response:
+    """A signed URL as a third party would use it: no access token; with `sandbox_id`, the routing
+    headers too (as a proxy in URL mode or a host in domain mode would name the sandbox)."""
+    headers = envd_headers(sandbox_id, None) if sandbox_id else {}
+    files = {"file": ("f.txt", content)} if content is not None else None
+    return httpx.request(method, url, headers=headers, files=files)
+
+
+def test_signed_urls_expired_or_wrong_are_envds_401(make_sandbox):
+    """E2B's envd answers 401 `{"code":401,"message":"signature is already expired"}` for an expired
+    signed URL (E2B's SDK tests compare the body exactly), and `invalid signature` for a wrong one.
+    In URL mode the SDK's URLs name no sandbox: the gateway finds the one that signed it, expired
+    or not (it answered 502 "not found" for an expired one before)."""
+    sbx = make_sandbox(secure=True)
+    try:
+        path = "/home/user/signed.txt"
+        sbx.files.write(path, "signed content")
+        good = sbx.download_url(path, "user", use_signature_expiration=120)
+        expired = sbx.download_url(path, "user", use_signature_expiration=-120)
+        expired_up = sbx.upload_url(path, "user", use_signature_expiration=-120)
+        forged = good.replace("signature=v1_", "signature=v1_x")
+        for sandbox_id in (None, sbx.sandbox_id):
+            r = _fetch("GET", good, sandbox_id)
+            assert r.status_code == 200 and r.text == "signed content", (sandbox_id, r.status_code, r.text)
+            for method, url, content in (("GET", expired, None), ("POST", expired_up, b"new")):
+                r = _fetch(method, url, sandbox_id, content)
+                assert r.status_code == 401, (sandbox_id, method, r.status_code, r.text)
+                assert r.json() == {"code": 401, "message": "signature is already expired"}, r.text
+            r = _fetch("GET", forged, sandbox_id)
+            assert r.status_code == 401, (sandbox_id, r.status_code, r.text)
+            assert r.json() == {"code": 401, "message": "invalid signature"}, r.text
+        assert sbx.files.read(path) == "signed content"
+    finally:
+        sbx.kill()
