@@ -185,20 +185,23 @@ impl Target {
 /// Runs a command to its end: what the SDKs' `commands.run("true")` sends is a login shell
 /// (`/bin/bash -l -c true`); `shell: false` runs `/bin/true` itself.
 async fn run_true(envd: &EnvdClient, shell: bool) -> anyhow::Result<()> {
-    let process = if shell {
-        pb::ProcessConfig {
-            cmd: "/bin/bash".into(),
-            args: vec!["-l".into(), "-c".into(), "true".into()],
-            ..Default::default()
-        }
+    if shell {
+        run_output(envd, "/bin/bash", &["-l", "-c", "true"]).await?;
     } else {
-        pb::ProcessConfig {
-            cmd: "/bin/true".into(),
-            ..Default::default()
-        }
-    };
+        run_output(envd, "/bin/true", &[]).await?;
+    }
+    Ok(())
+}
+
+/// Runs `cmd args` in the sandbox as its default user: its stdout, or an error when it does
+/// not exit 0.
+async fn run_output(envd: &EnvdClient, cmd: &str, args: &[&str]) -> anyhow::Result<Vec<u8>> {
     let req = pb::StartRequest {
-        process: Some(process),
+        process: Some(pb::ProcessConfig {
+            cmd: cmd.into(),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            ..Default::default()
+        }),
         stdin: Some(false),
         ..Default::default()
     };
@@ -207,15 +210,50 @@ async fn run_true(envd: &EnvdClient, shell: bool) -> anyhow::Result<()> {
         ..Default::default()
     };
     let mut stream = envd.start(&req, &opts).await?;
+    let mut stdout = Vec::new();
     while let Some(msg) = stream.next().await {
-        if let Some(process_event::Event::End(end)) = msg?.event.and_then(|e| e.event) {
-            if end.exit_code != 0 {
-                bail!("`true` exited with {}", end.exit_code);
+        match msg?.event.and_then(|e| e.event) {
+            Some(process_event::Event::Data(d)) => {
+                if let Some(process_event::data_event::Output::Stdout(b)) = d.output {
+                    stdout.extend_from_slice(&b);
+                }
             }
-            return Ok(());
+            Some(process_event::Event::End(end)) => {
+                if end.exit_code != 0 {
+                    bail!("`{cmd}` exited with {}", end.exit_code);
+                }
+                return Ok(stdout);
+            }
+            _ => {}
         }
     }
     bail!("the process stream ended without an end event")
+}
+
+/// Times `runs` reads of `/proc/meminfo` inside the sandbox (LXCFS's view of it: a FUSE round
+/// trip to the host per read), measured there, one line of nanoseconds per read.
+async fn proc_meminfo_reads(envd: &EnvdClient, runs: usize) -> Samples {
+    const SCRIPT: &str = "import sys, time\n\
+        for _ in range(int(sys.argv[1])):\n\
+        \x20   t = time.perf_counter_ns()\n\
+        \x20   with open('/proc/meminfo', 'rb') as f: f.read()\n\
+        \x20   print(time.perf_counter_ns() - t)\n";
+    let mut samples = Samples::default();
+    let n = runs.to_string();
+    let r = run_output(envd, "/usr/bin/env", &["python3", "-c", SCRIPT, &n]).await;
+    match &r {
+        Ok(out) => {
+            for line in String::from_utf8_lossy(out).lines() {
+                let ns = line.trim().parse::<u64>().map_err(anyhow::Error::from);
+                let took = ns
+                    .as_ref()
+                    .map_or(Duration::ZERO, |&ns| Duration::from_nanos(ns));
+                samples.record(&ns, took);
+            }
+        }
+        Err(_) => samples.record(&r, Duration::ZERO),
+    }
+    samples
 }
 
 /// Latencies of one scenario plus how many attempts failed (and the first error).
@@ -413,7 +451,9 @@ async fn rtts(target: &Target, runs: usize, report: &mut Report) -> anyhow::Resu
             });
         read.record(&r, t.elapsed());
     }
+    let meminfo = proc_meminfo_reads(&m.envd, runs * 10).await;
     target.kill(&m.id).await?;
+    report.latency("proc_meminfo_read", &meminfo);
     report.latency("command_rtt_login_shell", &shell);
     report.latency("command_rtt_direct", &direct);
     report.latency("file_write_1k", &write);
@@ -845,6 +885,7 @@ impl Report {
             ("command_rtt_direct", "command RTT (/bin/true)"),
             ("file_write_1k", "file write 1 KiB"),
             ("file_read_1k", "file read 1 KiB"),
+            ("proc_meminfo_read", "read /proc/meminfo (in the sandbox)"),
         ];
         for (key, label) in rows {
             let s = |field: &str| self.num(&["latency", key, "summary_ms", field]);
