@@ -10,6 +10,8 @@
 //! is destroyed), or exit its PID 1 (the sandbox is reaped). It never reaches the database, and
 //! an access token is checked by the gateway, never by code inside the sandbox.
 
+#![forbid(unsafe_code)]
+
 mod agent_client;
 mod ids;
 mod network;
