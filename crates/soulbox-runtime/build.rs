@@ -164,6 +164,12 @@ fn filter(arch: ScmpArch) -> Result<ScmpFilterContext> {
     for request in IOCTLS {
         f.add_rule_conditional(eperm, syscall("ioctl")?, &[low32_eq(1, request)])?;
     }
+    // statfs/fstatfs wait for the agent, which answers those on the root with the sandbox's
+    // disk quota and lets the rest through (soulbox-agent's statfs.rs); PID 1 loads the filter
+    // with a listener and hands it to the agent.
+    for name in ["statfs", "fstatfs"] {
+        f.add_rule(ScmpAction::Notify, syscall(name)?)?;
+    }
     for flag in PERSONALITY_FLAGS {
         // Bit 31 excluded: personality(0xffffffff) only queries.
         let mask = flag | 0x8000_0000;

@@ -25,6 +25,7 @@ mod pty;
 mod reaper;
 mod rpc;
 mod server;
+mod statfs;
 mod tunnel;
 mod users;
 mod watch;
@@ -52,7 +53,18 @@ pub enum AgentError {
 }
 
 /// Runs the agent until the listener fails. Builds its own current-thread runtime.
-pub fn run(listener: Listener, mode: Mode) -> Result<(), AgentError> {
+///
+/// `statfs` is the seccomp user-notification listener the runtime passes with the sandbox's
+/// filter: the agent answers `statfs`/`fstatfs` on the root from the disk quota (see
+/// `statfs.rs`). It is served before anything else, since a notified call waits for it.
+pub fn run(
+    listener: Listener,
+    mode: Mode,
+    statfs: Option<std::os::fd::OwnedFd>,
+) -> Result<(), AgentError> {
+    if let Some(fd) = statfs {
+        statfs::start(fd)?;
+    }
     if mode == Mode::Development {
         // Outside a sandbox we are not PID 1: become the subreaper of our descendants so
         // orphans are reaped here, exactly as they would be inside a sandbox.

@@ -64,6 +64,35 @@ const QUOTA_CTL_ENABLE: u64 = 1;
 const QUOTA_CTL_ENABLE_SIMPLE_QUOTA: u64 = 4;
 const QGROUP_LIMIT_MAX_RFER: u64 = 1;
 
+/// `struct btrfs_ioctl_fs_info_args` (we read `fsid`).
+#[repr(C)]
+struct FsInfoArgs {
+    max_id: u64,
+    num_devices: u64,
+    fsid: [u8; 16],
+    nodesize: u32,
+    sectorsize: u32,
+    clone_alignment: u32,
+    csum_type: u16,
+    csum_size: u16,
+    flags: u64,
+    generation: u64,
+    metadata_uuid: [u8; 16],
+    reserved: [u8; 944],
+}
+/// `struct btrfs_ioctl_ino_lookup_args` (with `objectid` 256 it answers the subvolume id).
+#[repr(C)]
+struct InoLookupArgs {
+    treeid: u64,
+    objectid: u64,
+    name: [u8; 4080],
+}
+const _: () = assert!(size_of::<FsInfoArgs>() == 1024 && size_of::<InoLookupArgs>() == 4096);
+const FS_INFO: c_ulong = btrfs_ioc(IOC_READ, 31, size_of::<FsInfoArgs>());
+const INO_LOOKUP: c_ulong = btrfs_ioc(IOC_READ | IOC_WRITE, 18, size_of::<InoLookupArgs>());
+/// The root directory's inode number in every btrfs subvolume.
+const FIRST_FREE_OBJECTID: u64 = 256;
+
 /// The ioctls all take a pointer to their argument struct.
 ///
 /// # Safety
@@ -167,6 +196,23 @@ impl Disk {
         Ok(())
     }
 
+    /// The sysfs directory of `state_dir/<id>`'s quota group, whose `referenced` and
+    /// `max_referenced` are the sandbox's disk use and limit, live (the agent answers `df`
+    /// from them); `None` when the kernel does not list it.
+    pub(crate) fn quota_dir(&self, id: &str) -> io::Result<Option<PathBuf>> {
+        let subvol = rustix::fs::openat(
+            &self.root,
+            id,
+            rustix::fs::OFlags::RDONLY
+                | rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::NOFOLLOW
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
+        let dir = qgroup_sysfs_dir(subvol.as_fd())?;
+        Ok(dir.join("max_referenced").exists().then_some(dir))
+    }
+
     /// Deletes the subvolume `state_dir/<id>` with everything in it (btrfs frees the space in
     /// the background); a plain directory there is removed file by file. Missing is fine.
     pub(crate) fn remove(&self, id: &str) -> io::Result<()> {
@@ -180,6 +226,52 @@ impl Disk {
             Err(e) => Err(e),
         }
     }
+}
+
+/// The sysfs directory of the quota group of the subvolume whose root `dir` is:
+/// `/sys/fs/btrfs/<fsid>/qgroups/0_<subvolume id>`, whose `referenced` and `max_referenced`
+/// are the sandbox's disk use and limit (the agent answers `df` from them).
+fn qgroup_sysfs_dir(dir: BorrowedFd<'_>) -> io::Result<PathBuf> {
+    let mut info = Box::new(FsInfoArgs {
+        max_id: 0,
+        num_devices: 0,
+        fsid: [0; 16],
+        nodesize: 0,
+        sectorsize: 0,
+        clone_alignment: 0,
+        csum_type: 0,
+        csum_size: 0,
+        flags: 0,
+        generation: 0,
+        metadata_uuid: [0; 16],
+        reserved: [0; 944],
+    });
+    // SAFETY: FS_INFO fills a btrfs_ioctl_fs_info_args.
+    unsafe { ioctl(dir, FS_INFO, &mut *info)? };
+    let mut lookup = Box::new(InoLookupArgs {
+        treeid: 0,
+        objectid: FIRST_FREE_OBJECTID,
+        name: [0; 4080],
+    });
+    // SAFETY: INO_LOOKUP reads and fills a btrfs_ioctl_ino_lookup_args.
+    unsafe { ioctl(dir, INO_LOOKUP, &mut *lookup)? };
+    let f = info.fsid;
+    let uuid = format!(
+        "{}-{}-{}-{}-{}",
+        hex(&f[0..4]),
+        hex(&f[4..6]),
+        hex(&f[6..8]),
+        hex(&f[8..10]),
+        hex(&f[10..16])
+    );
+    Ok(PathBuf::from(format!(
+        "/sys/fs/btrfs/{uuid}/qgroups/0_{}",
+        lookup.treeid
+    )))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `rm -rf`; missing is fine.

@@ -512,6 +512,12 @@ impl Inner {
             write_resolv_conf(&upper, &net.resolv_conf, root_uid, range_gid)?;
         }
 
+        let quota_dir = match &self.disk {
+            Some(disk) if spec.limits.disk_mb > 0 => disk
+                .quota_dir(&spec.id)
+                .ctx(|| "find the sandbox's quota group")?,
+            _ => None,
+        };
         let (userns, _helper) = userns::create(uid_base).ctx(|| "create user namespace")?;
         let tree = rootfs::build(&rootfs::TreeSpec {
             layers: &spec.layers,
@@ -520,6 +526,7 @@ impl Inner {
             uid_base,
             agent_binary: &self.cfg.agent_binary,
             shm_mb: spec.limits.memory_mb,
+            quota_dir: quota_dir.as_deref(),
         })?;
         let socket_path = dir.join(AGENT_SOCKET);
         let listener =
@@ -542,6 +549,8 @@ impl Inner {
                 cstr("agent")?,
                 cstr("--fd")?,
                 cstr(&spawn::AGENT_FD.to_string())?,
+                cstr("--statfs-fd")?,
+                cstr(&spawn::STATFS_FD.to_string())?,
             ],
             env: AGENT_ENV
                 .iter()

@@ -11,6 +11,8 @@
 //! /sys            a read-only sysfs mounted by PID 1, masked, with the sandbox's own cgroups
 //!                 at /sys/fs/cgroup (`crate::views`)
 //! /.soulbox/bin/soulbox   the agent binary, bind-mounted read-only, nosuid
+//! /.soulbox/disk          the sandbox's btrfs quota group in sysfs (`referenced`,
+//!                         `max_referenced`), read-only: the agent answers `df` from it
 //! ```
 //!
 //! `/tmp` and `/run` are plain overlay directories.
@@ -45,6 +47,8 @@ pub(crate) struct TreeSpec<'a> {
     pub(crate) uid_base: u32,
     pub(crate) agent_binary: &'a Path,
     pub(crate) shm_mb: u64,
+    /// The sysfs directory of the sandbox's quota group, when it has one.
+    pub(crate) quota_dir: Option<&'a Path>,
 }
 
 /// A built tree: not attached anywhere yet; dropping it unmounts everything.
@@ -75,6 +79,9 @@ const TTY_GID: u32 = 5;
 pub(crate) fn build(s: &TreeSpec<'_>) -> Result<Tree, RuntimeError> {
     let root = overlay(s)?;
     attach_agent(&root, s.agent_binary)?;
+    if let Some(quota) = s.quota_dir {
+        attach_quota(&root, quota)?;
+    }
     let dev = dev_tree(s)?;
     let dev_dir = ensure_dir(root.as_fd(), "dev").ctx(|| "rootfs: /dev")?;
     attach(&dev, &dev_dir).ctx(|| "attach /dev")?;
@@ -179,6 +186,30 @@ fn attach_agent(root: &OwnedFd, agent_binary: &Path) -> Result<(), RuntimeError>
     )
     .ctx(|| "agent binary mount flags")?;
     attach(&agent, &target).ctx(|| "attach agent binary")
+}
+
+fn attach_quota(root: &OwnedFd, quota_dir: &Path) -> Result<(), RuntimeError> {
+    let target = (|| {
+        let dir = ensure_dir(root.as_fd(), ".soulbox")?;
+        ensure_dir(dir.as_fd(), "disk")
+    })()
+    .ctx(|| "rootfs: /.soulbox/disk")?;
+    let quota = open_tree(
+        CWD,
+        quota_dir,
+        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
+    )
+    .ctx(|| format!("open {}", quota_dir.display()))?;
+    mount_setattr(
+        quota.as_fd(),
+        MountAttrFlags::MOUNT_ATTR_RDONLY
+            | MountAttrFlags::MOUNT_ATTR_NOSUID
+            | MountAttrFlags::MOUNT_ATTR_NODEV
+            | MountAttrFlags::MOUNT_ATTR_NOEXEC,
+        None,
+    )
+    .ctx(|| "quota group mount flags")?;
+    attach(&quota, &target).ctx(|| "attach the quota group")
 }
 
 fn tmpfs(options: &[(&str, &str)], attrs: MountAttrFlags) -> rustix::io::Result<OwnedFd> {

@@ -32,7 +32,9 @@
 //!    the bounding set to [`KEPT_CAPS`].
 //! 8. stdin/stdout/stderr = `/dev/null` (the host's, opened beforehand), the agent's listening
 //!    socket = fd 3, every other descriptor close-on-exec; RLIMIT_NOFILE soft 1024, hard the
-//!    limit; install the seccomp filter (`crate::seccomp`); unblock signals; exec the agent.
+//!    limit; install the seccomp filter (`crate::seccomp`) with a user-notification listener,
+//!    passed on as fd 4 (the agent answers statfs/fstatfs through it); unblock signals; exec
+//!    the agent.
 //!
 //! No `no_new_privs`: templates give `user` passwordless `sudo`, a setuid binary, and E2B
 //! users rely on it. What setuid can reach is sandbox root, which is itself unprivileged on
@@ -71,6 +73,8 @@ use crate::views::{self, Bind};
 pub(crate) const AGENT_PATH: &CStr = c"/.soulbox/bin/soulbox";
 /// The agent's listening socket arrives as this descriptor.
 pub(crate) const AGENT_FD: RawFd = 3;
+/// Where the agent finds the seccomp listener for statfs/fstatfs (`soulbox agent --statfs-fd`).
+pub(crate) const STATFS_FD: RawFd = AGENT_FD + 1;
 
 /// Everything PID 1 needs, prepared by the parent.
 pub(crate) struct Plan<'a> {
@@ -376,7 +380,8 @@ fn setup_and_exec(s: &Shared<'_>) -> Result<Infallible, Failed> {
     final_nofile(s.nofile).map_err(|e| (step::RLIMITS, e))?;
 
     // Last: the filter forbids some of the calls above (setns, mount, ...).
-    install_seccomp(&s.seccomp).map_err(|e| (step::SECCOMP, e))?;
+    let statfs = install_seccomp(&s.seccomp).map_err(|e| (step::SECCOMP, e))?;
+    pass_on(statfs, STATFS_FD).map_err(|e| (step::SECCOMP, e))?;
     unblock_signals();
     // SAFETY: argv and envp are NULL-terminated arrays of C strings owned by the parent's plan.
     unsafe {
@@ -485,21 +490,36 @@ fn set_nofile(soft: u64, hard: u64) -> Result<(), i32> {
     Ok(())
 }
 
-fn install_seccomp(prog: &libc::sock_fprog) -> Result<(), i32> {
+/// Installs the filter with a user-notification listener (for the calls it hands to the agent:
+/// statfs and fstatfs) and returns the listener, close-on-exec.
+fn install_seccomp(prog: &libc::sock_fprog) -> Result<RawFd, i32> {
     // SAFETY: `prog` points into the runtime's filter, which outlives this child; the kernel
     // copies it. Allowed without no_new_privs: we hold CAP_SYS_ADMIN in our user namespace.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_seccomp,
             libc::SECCOMP_SET_MODE_FILTER,
-            0,
+            libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
             prog as *const libc::sock_fprog,
         )
     };
     if rc < 0 {
         return Err(last_errno());
     }
-    Ok(())
+    RawFd::try_from(rc).map_err(|_| libc::EBADF)
+}
+
+/// Makes `fd` available as `to` across exec (dup2 leaves close-on-exec set when they are the
+/// same descriptor).
+fn pass_on(fd: RawFd, to: RawFd) -> Result<(), i32> {
+    if fd == to {
+        // SAFETY: F_SETFD only changes the descriptor's flags.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
+            return Err(last_errno());
+        }
+        return Ok(());
+    }
+    dup2(fd, to)
 }
 
 fn last_errno() -> i32 {

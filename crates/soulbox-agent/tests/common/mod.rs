@@ -25,6 +25,7 @@ pub fn addr() -> SocketAddr {
             soulbox_agent::run(
                 soulbox_agent::Listener::Tcp(l),
                 soulbox_agent::Mode::Development,
+                None,
             )
             .expect("agent");
         });
