@@ -5,13 +5,17 @@
 //! script that sleeps, so `create` is measured up to the agent's exec, which is where
 //! `Runtime::create` returns. Also reports a burst: 50 sandboxes alive at once, then destroyed.
 //! With `SOULBOX_BENCH_BTRFS=1` the state dir is a loop-mounted btrfs (`prepare_state_fs`) and
-//! every sandbox gets a 1 GiB disk limit, to measure what the limit costs.
+//! every sandbox gets a 1 GiB disk limit, to measure what the limit costs. With
+//! `SOULBOX_BENCH_LXCFS=1` the bench starts its own lxcfs and sandboxes get its `/proc` views
+//! (`Runtime::with_lxcfs`), to measure what they cost.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use soulbox_runtime::{Limits, Runtime, RuntimeConfig, SandboxSpec, prepare_state_fs};
+use soulbox_runtime::{
+    Limits, Runtime, RuntimeConfig, SandboxSpec, prepare_state_fs, start_lxcfs, stop_lxcfs,
+};
 
 fn percentiles(label: &str, mut v: Vec<Duration>) {
     v.sort();
@@ -75,11 +79,21 @@ fn main() {
     if btrfs {
         prepare_state_fs(&state_dir, &dir.path().join("state.btrfs"), 8192).expect("btrfs");
     }
-    let rt = Runtime::new(RuntimeConfig {
-        state_dir: state_dir.clone(),
-        agent_binary: agent,
-        cgroup_name,
-    })
+    let lxcfs = std::env::var_os("SOULBOX_BENCH_LXCFS").map(|_| {
+        let mount = dir.path().join("lxcfs");
+        start_lxcfs(&mount)
+            .expect("start lxcfs")
+            .expect("lxcfs installed");
+        mount
+    });
+    let rt = Runtime::with_lxcfs(
+        RuntimeConfig {
+            state_dir: state_dir.clone(),
+            agent_binary: agent,
+            cgroup_name,
+        },
+        lxcfs.as_deref(),
+    )
     .expect("Runtime::new (needs root)");
     let tokio = tokio::runtime::Runtime::new().expect("tokio");
     let mut seq = 0u64;
@@ -152,8 +166,12 @@ fn main() {
         percentiles("destroy (50 alive)", destroy);
     });
     rt.remove_parent_cgroups();
-    // The runtime holds the state dir open; it goes first, or the unmount finds it busy.
+    // The runtime holds the state dir (and lxcfs's files) open; it goes first, or the unmounts
+    // find them busy.
     drop(rt);
+    if let Some(mount) = lxcfs {
+        stop_lxcfs(&mount).expect("stop lxcfs");
+    }
     if btrfs {
         let _ = std::process::Command::new("umount")
             .arg("--lazy")

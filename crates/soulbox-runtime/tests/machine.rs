@@ -296,3 +296,40 @@ fn lxcfs_is_reused_then_stopped() {
     assert!(!fresh.reused);
     assert_ne!(fresh.pid, lxcfs.pid);
 }
+
+/// The cost of reading `/proc/meminfo` inside a sandbox, through lxcfs and (for comparison)
+/// the kernel's own, as p50/p99 of 1000 reads (open, read, close) by one Python process.
+/// A measurement, not a check: `cargo test --release -p soulbox-runtime --test machine --
+/// --ignored --nocapture meminfo_read_cost` (docs/benchmarks.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn meminfo_read_cost() {
+    if !can_run() {
+        return;
+    }
+    let Some(lxcfs) = Lxcfs::start() else { return };
+    let reads = r#"python3 -c '
+import time
+t = []
+for _ in range(1100):
+    s = time.perf_counter_ns()
+    with open("/proc/meminfo", "rb") as f:
+        f.read()
+    t.append(time.perf_counter_ns() - s)
+t = sorted(t[100:])
+print(t[len(t) // 2] / 1000, t[len(t) * 99 // 100] / 1000)'"#;
+    for (label, env) in [
+        ("lxcfs view", Env::with_lxcfs("costlxcfs", &lxcfs.mount)),
+        ("kernel /proc/meminfo", Env::new("costkernel")),
+    ] {
+        let h = env
+            .rt
+            .create(&env.spec(Limits::default()))
+            .await
+            .expect("create");
+        let out = sh(&h, reads);
+        let (p50, p99) = out.split_once(' ').expect("two numbers");
+        println!("{label}: p50 {p50} µs, p99 {p99} µs (1000 reads)");
+        env.rt.destroy(&h).await.expect("destroy");
+    }
+}
