@@ -63,7 +63,8 @@ pub struct RuntimeConfig {
 /// Resource limits of one sandbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// CPU quota in whole CPUs (quota = `cpu_count` × period).
+    /// CPU quota in whole CPUs (quota = `cpu_count` × period). PID 1's CPU affinity is that
+    /// many CPUs too (all of the server's if it has no more), so `nproc` agrees.
     pub cpu_count: u32,
     /// Memory limit in MiB (no swap on top); the kernel OOM-kills inside the sandbox only.
     pub memory_mb: u64,

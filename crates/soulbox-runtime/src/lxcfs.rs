@@ -62,14 +62,16 @@ pub fn start_lxcfs(mount: &Path) -> Result<Option<Lxcfs>, RuntimeError> {
         return Ok(None);
     };
     let pidfile = lxcfs_pidfile(mount);
-    if is_mounted(mount)? {
-        if let Some(pid) = recorded_pid(mount).filter(|&p| is_ours(p, mount))
-            && probe(mount)
-        {
-            return Ok(Some(Lxcfs { pid, reused: true }));
-        }
-        tracing::warn!(mount = %mount.display(), "replacing a dead or stuck lxcfs");
-        stop_lxcfs(mount)?;
+    if is_mounted(mount)?
+        && let Some(pid) = recorded_pid(mount).filter(|&p| is_ours(p, mount))
+        && probe(mount)
+    {
+        return Ok(Some(Lxcfs { pid, reused: true }));
+    }
+    // Whatever is left of an earlier one (a dead mount, a stuck process, one whose mount was
+    // detached) goes first: a second lxcfs could not take the pid file's lock.
+    if stop_lxcfs(mount)? {
+        tracing::warn!(mount = %mount.display(), "replaced a dead or stuck lxcfs");
     }
     fs::DirBuilder::new()
         .recursive(true)
