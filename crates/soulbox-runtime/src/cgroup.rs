@@ -603,6 +603,59 @@ mod tests {
         fs::remove_dir(&cg.hierarchies[0].parent).expect("remove parent");
     }
 
+    /// What a sandbox mounts at `/sys/fs/cgroup`: each hierarchy by its host name, v1 ones
+    /// with exactly their controllers (not mount options such as `rw` or `xattr`).
+    #[test]
+    fn views_name_hierarchies_and_controllers() {
+        let mounts = parse_mountinfo(
+            "\
+30 29 0:26 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,xattr,cpu,cpuacct
+33 29 0:29 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory
+38 29 0:34 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,xattr,name=systemd
+39 29 0:35 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw,nsdelegate
+",
+        );
+        let known: Vec<String> = ["cpu", "cpuacct", "memory"].map(String::from).to_vec();
+        let mut hs = Vec::new();
+        place(&mut hs, "sb", &mounts[0], &known, Some("cpu"));
+        place(&mut hs, "sb", &mounts[0], &known, Some("cpuacct"));
+        place(&mut hs, "sb", &mounts[1], &known, Some("memory"));
+        place(&mut hs, "sb", &mounts[2], &known, None);
+        place(&mut hs, "sb", &mounts[3], &known, None);
+        let cg = Cgroups {
+            hierarchies: hs,
+            v2_kill: true,
+            name: "sb".into(),
+        };
+        let views = cg.views().expect("views");
+        let show: Vec<(String, bool, Vec<String>, Option<String>)> = views
+            .iter()
+            .map(|v| {
+                let s = |c: &CString| c.to_string_lossy().into_owned();
+                (
+                    s(&v.dir),
+                    v.v2,
+                    v.flags.iter().map(s).collect(),
+                    v.name.as_ref().map(s),
+                )
+            })
+            .collect();
+        assert_eq!(
+            show,
+            vec![
+                (
+                    "cpu,cpuacct".into(),
+                    false,
+                    vec!["cpu".into(), "cpuacct".into()],
+                    None
+                ),
+                ("memory".into(), false, vec!["memory".into()], None),
+                ("systemd".into(), false, vec![], Some("systemd".into())),
+                ("unified".into(), true, vec![], None),
+            ]
+        );
+    }
+
     #[test]
     fn unescapes_octal() {
         assert_eq!(unescape("/mnt/with\\040space"), "/mnt/with space");
