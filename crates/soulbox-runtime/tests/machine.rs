@@ -101,7 +101,16 @@ async fn sandbox_sees_its_own_machine() {
         "1 1"
     );
     assert_eq!(sh(&h1, "grep -c ^processor /proc/cpuinfo"), "1");
+    assert_eq!(sh(&h1, "grep -c '^cpu[0-9]' /proc/stat"), "1");
     assert_eq!(sh(&h1, "cat /sys/devices/system/cpu/online"), "0");
+    assert_eq!(
+        sh(&h1, "free -b | awk '/^Mem:/ {print $2}'"),
+        (200u64 << 20).to_string()
+    );
+    // The other views answer too: loadavg (5 fields), swaps (its header), diskstats.
+    assert_eq!(sh(&h1, "wc -w < /proc/loadavg"), "5");
+    assert!(sh(&h1, "head -1 /proc/swaps").starts_with("Filename"));
+    sh(&h1, "cat /proc/diskstats > /dev/null");
 
     // More CPUs than the host has: capped at the host's.
     let many = env.spec(Limits {
