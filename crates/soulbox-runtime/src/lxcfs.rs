@@ -61,6 +61,7 @@ pub fn start_lxcfs(mount: &Path) -> Result<Option<Lxcfs>, RuntimeError> {
     let Some(binary) = find_binary() else {
         return Ok(None);
     };
+    let mount = &resolve(mount)?;
     let pidfile = lxcfs_pidfile(mount);
     if is_mounted(mount)?
         && let Some(pid) = recorded_pid(mount).filter(|&p| is_ours(p, mount))
@@ -143,6 +144,7 @@ pub fn start_lxcfs(mount: &Path) -> Result<Option<Lxcfs>, RuntimeError> {
 /// mounts of it keep them until they go) and ends the process by its recorded pid. Returns
 /// whether there was anything to stop.
 pub fn stop_lxcfs(mount: &Path) -> Result<bool, RuntimeError> {
+    let mount = &resolve(mount)?;
     let mut stopped = match unmount(mount, UnmountFlags::DETACH) {
         Ok(()) => true,
         Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOENT) => false,
@@ -167,6 +169,25 @@ pub fn stop_lxcfs(mount: &Path) -> Result<bool, RuntimeError> {
         Err(e) => return Err(e).ctx(|| "remove the lxcfs pid file"),
     }
     Ok(stopped)
+}
+
+/// `mount` as mountinfo and lxcfs's command line name it: absolute, with its parent's symlinks
+/// resolved (the mount point itself is not touched: a dead FUSE mount answers ENOTCONN).
+fn resolve(mount: &Path) -> Result<PathBuf, RuntimeError> {
+    let (Some(parent), Some(name)) = (mount.parent(), mount.file_name()) else {
+        return Err(RuntimeError::InvalidSpec(format!(
+            "lxcfs mount point {}",
+            mount.display()
+        )));
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    Ok(fs::canonicalize(parent)
+        .ctx(|| format!("resolve {}", parent.display()))?
+        .join(name))
 }
 
 fn find_binary() -> Option<PathBuf> {
