@@ -293,7 +293,7 @@ impl Runtime {
         let boot_id_path = CString::new(attach.join(views::BOOT_ID).as_os_str().as_bytes())
             .map_err(|_| RuntimeError::InvalidSpec("state_dir contains NUL".into()))?;
         let cgroups = cgroup::Cgroups::new(name)?;
-        let views = views::Views::new(lxcfs, cgroups.views()?)?;
+        let views = views::Views::new(lxcfs, cgroups.views()?);
         let seccomp = seccomp::program()?;
         let disk = disk::Disk::new(&cfg.state_dir)?;
         if disk.is_none() {

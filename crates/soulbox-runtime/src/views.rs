@@ -108,10 +108,7 @@ static NEXT_CPU: AtomicUsize = AtomicUsize::new(0);
 impl Views {
     /// Opens the lxcfs files under `lxcfs` (the mount point of [`crate::start_lxcfs`]); when
     /// that fails, warns once and goes on without them.
-    pub(crate) fn new(
-        lxcfs: Option<&Path>,
-        cgroups: Vec<CgroupView>,
-    ) -> Result<Views, RuntimeError> {
+    pub(crate) fn new(lxcfs: Option<&Path>, cgroups: Vec<CgroupView>) -> Views {
         let open_all = |mount: &Path, files: &[(&str, &'static CStr)]| {
             files
                 .iter()
@@ -131,19 +128,22 @@ impl Views {
                 {
                     Ok(files) => files,
                     Err(e) => {
-                        tracing::warn!(error = %e, "lxcfs unusable: sandboxes see the host's /proc files");
+                        tracing::warn!(
+                            error = %e,
+                            "lxcfs unusable: sandboxes see the host's /proc files"
+                        );
                         (Vec::new(), Vec::new())
                     }
                 }
             }
         };
         let cgroup_tmpfs = !(cgroups.len() == 1 && cgroups[0].v2);
-        Ok(Views {
+        Views {
             lxcfs_proc,
             lxcfs_sys,
             cgroups,
             cgroup_tmpfs,
-        })
+        }
     }
 
     /// Writes the sandbox's boot id into `dir` and makes its detached mounts.
@@ -153,7 +153,10 @@ impl Views {
             Ok(mounts) => mounts,
             Err(e) => {
                 if !CLONE_WARNED.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(error = %e, "lxcfs views unavailable: sandboxes see the host's /proc files");
+                    tracing::warn!(
+                        error = %e,
+                        "lxcfs views unavailable: sandboxes see the host's /proc files"
+                    );
                 }
                 (Vec::new(), Vec::new())
             }
