@@ -31,10 +31,10 @@
 //!    belong to the host user namespace and sandbox root has no capability over them. Drop
 //!    the bounding set to [`KEPT_CAPS`].
 //! 8. stdin/stdout/stderr = `/dev/null` (the host's, opened beforehand), the agent's listening
-//!    socket = fd 3, every other descriptor close-on-exec; RLIMIT_NOFILE soft 1024, hard the
-//!    limit; install the seccomp filter (`crate::seccomp`) with a user-notification listener,
-//!    passed on as fd 4 (the agent answers statfs/fstatfs through it); unblock signals; exec
-//!    the agent.
+//!    socket = fd 3, every other descriptor close-on-exec; install the seccomp filter
+//!    (`crate::seccomp`) with a user-notification listener, passed on as fd 4 (the agent
+//!    answers statfs/fstatfs through it); RLIMIT_NOFILE soft 1024, hard the limit; unblock
+//!    signals; exec the agent.
 //!
 //! No `no_new_privs`: templates give `user` passwordless `sudo`, a setuid binary, and E2B
 //! users rely on it. What setuid can reach is sandbox root, which is itself unprivileged on
@@ -377,11 +377,13 @@ fn setup_and_exec(s: &Shared<'_>) -> Result<Infallible, Failed> {
     }
     dup2(s.listener, AGENT_FD).map_err(|e| (step::DESCRIPTORS, e))?;
     close_range_cloexec(AGENT_FD + 1).map_err(|e| (step::DESCRIPTORS, e))?;
-    final_nofile(s.nofile).map_err(|e| (step::RLIMITS, e))?;
 
-    // Last: the filter forbids some of the calls above (setns, mount, ...).
+    // Last: the filter forbids some of the calls above (setns, mount, ...). Its listener is a
+    // new descriptor, made while the raised descriptor limit still holds (this child shares
+    // the server's table, which may hold more than the sandbox's limit).
     let statfs = install_seccomp(&s.seccomp).map_err(|e| (step::SECCOMP, e))?;
     pass_on(statfs, STATFS_FD).map_err(|e| (step::SECCOMP, e))?;
+    final_nofile(s.nofile).map_err(|e| (step::RLIMITS, e))?;
     unblock_signals();
     // SAFETY: argv and envp are NULL-terminated arrays of C strings owned by the parent's plan.
     unsafe {

@@ -44,7 +44,7 @@ async fn sandbox_view_and_privileges() {
     assert_eq!(sh(&h, "hostname"), spec.id);
     assert_eq!(
         sh(&h, "tr '\\0' ' ' < /proc/1/cmdline"),
-        "/usr/bin/python3 /.soulbox/bin/soulbox agent --fd 3"
+        "/usr/bin/python3 /.soulbox/bin/soulbox agent --fd 3 --statfs-fd 4"
     );
     let nprocs: usize = sh(&h, "ls -d /proc/[0-9]* | wc -l").parse().expect("count");
     assert!(nprocs <= 5, "host processes visible? {nprocs} pids");
@@ -58,10 +58,14 @@ async fn sandbox_view_and_privileges() {
         assert_eq!(sh(&h, &format!("readlink /proc/1/fd/{fd}")), "/dev/null");
     }
     assert!(sh(&h, "readlink /proc/1/fd/3").starts_with("socket:"));
+    assert_eq!(sh(&h, "readlink /proc/1/fd/4"), "anon_inode:seccomp notify");
     let fds = sh(&h, "for f in /proc/1/fd/*; do readlink $f; done");
     for target in fds.lines() {
         assert!(
-            target == "/dev/null" || target.starts_with("socket:") || target.starts_with("pipe:"),
+            target == "/dev/null"
+                || target == "anon_inode:seccomp notify"
+                || target.starts_with("socket:")
+                || target.starts_with("pipe:"),
             "PID 1 holds an unexpected descriptor: {target}"
         );
     }
