@@ -29,6 +29,18 @@ mod registry;
 mod slot;
 mod teardown;
 
+/// Entry points for the fuzz targets in `fuzz/` (feature `fuzzing`; not part of the API).
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    /// The name the egress proxy finds in a connection's first bytes (TLS SNI or HTTP Host).
+    pub fn server_name(head: &[u8]) -> Option<String> {
+        match crate::proxy::parse_name(head) {
+            crate::proxy::Parsed::Name(n) => Some(n),
+            _ => None,
+        }
+    }
+}
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
