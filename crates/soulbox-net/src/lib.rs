@@ -293,6 +293,24 @@ fn valid_owner(owner: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
+/// The resolver's UDP and TCP sockets on one port number, picked by the kernel for UDP. That
+/// number can be taken for TCP (another service, another server's proxy): then it tries again.
+async fn bind_resolver() -> Result<(UdpSocket, TcpListener, u16), NetError> {
+    const TRIES: usize = 16;
+    let mut tries = 0;
+    loop {
+        let udp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+            .await
+            .ctx(|| "bind the resolver".into())?;
+        let port = udp.local_addr().ctx(|| "resolver address".into())?.port();
+        match TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).await {
+            Ok(tcp) => return Ok((udp, tcp, port)),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && tries + 1 < TRIES => tries += 1,
+            Err(e) => return Err(e).ctx(|| "bind the resolver (tcp)".into()),
+        }
+    }
+}
+
 impl Network {
     /// Sets the host up (forwarding on, the nftables table rebuilt with the slots of recorded
     /// leases whose interface still exists), starts the resolver and the proxy, and starts
@@ -382,16 +400,7 @@ impl Network {
         // Conntrack marks of slots are `mark_base | index`; the resolver's and proxy's sockets
         // carry `mark_base` itself (index 0 is never a slot).
         let mark_base = (fnv(&cfg.name) & 0x7fff | 0x4000) << 16;
-        let dns_udp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
-            .await
-            .ctx(|| "bind the resolver".into())?;
-        let dns_port = dns_udp
-            .local_addr()
-            .ctx(|| "resolver address".into())?
-            .port();
-        let dns_tcp = TcpListener::bind((Ipv4Addr::UNSPECIFIED, dns_port))
-            .await
-            .ctx(|| "bind the resolver (tcp)".into())?;
+        let (dns_udp, dns_tcp, dns_port) = bind_resolver().await?;
         let proxy_listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0))
             .await
             .ctx(|| "bind the proxy".into())?;
