@@ -288,12 +288,12 @@ mod tests {
     #[test]
     fn a_path_is_read_from_the_callers_memory() {
         let pid = std::process::id();
-        let s = b"/home/user\0";
+        let s = c"/home/user";
         assert_eq!(
             read_path(pid, s.as_ptr() as u64).as_deref(),
             Some(&b"/home/user"[..])
         );
-        assert_eq!(read_path(pid, b"\0".as_ptr() as u64), None, "empty path");
+        assert_eq!(read_path(pid, c"".as_ptr() as u64), None, "empty path");
         assert_eq!(read_path(pid, 0), None, "NULL");
         let long = vec![b'a'; PATH_MAX + 10];
         assert_eq!(
