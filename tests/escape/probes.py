@@ -210,12 +210,31 @@ def p_kernel_memory(a):
     return {"steps": steps, "data": {}}
 
 
+def write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
 def p_sysfs(a):
+    """/sys is the sandbox's own read-only sysfs (its network namespace's, firmware masked, its
+    own cgroups at /sys/fs/cgroup): reading it is fine; changing anything, seeing firmware or
+    host interfaces, or mounting another sysfs is an escape."""
     steps = {}
     data = {"/sys": sorted(os.listdir("/sys")) if os.path.isdir("/sys") else None}
-    for path in ("/sys/firmware", "/sys/firmware/efi/efivars", "/sys/kernel", "/sys/fs/cgroup",
-                 "/sys/class/net", "/sys/block", "/sys/kernel/kexec_loaded"):
-        steps[f"open {path}"] = attempt(lambda p=path: os.listdir(p) if os.path.isdir(p) else read_bytes(p))
+
+    firmware = os.listdir("/sys/firmware") if os.path.isdir("/sys/firmware") else []
+    data["/sys/firmware"] = firmware
+    steps["see the host's firmware in /sys/firmware"] = "ok" if firmware else "masked"
+    steps["read EFI variables"] = attempt(lambda: os.listdir("/sys/firmware/efi/efivars"))
+    nets = sorted(os.listdir("/sys/class/net")) if os.path.isdir("/sys/class/net") else []
+    data["/sys/class/net"] = nets
+    steps["see host interfaces in /sys/class/net"] = (
+        "ok" if any(n not in ("lo", "eth0") for n in nets) else "only its own")
+    for path, text in (("/sys/kernel/mm/ksm/run", "1"), ("/sys/kernel/uevent_helper", "/tmp/pwn"),
+                       ("/sys/kernel/kexec_crash_size", "0"), ("/sys/power/state", "mem"),
+                       ("/sys/class/net/lo/mtu", "1280"), ("/sys/module/kernel/parameters/panic", "1")):
+        steps[f"write {path}"] = attempt(lambda p=path, t=text: write_text(p, t))
+    steps["mkdir in /sys/fs/cgroup"] = attempt(lambda: os.mkdir("/sys/fs/cgroup/escape"))
     os.makedirs("/tmp/sysmnt", exist_ok=True)
     steps["mount sysfs"] = sc("mount", "sysfs", "/tmp/sysmnt", "sysfs", 0, None)
     return {"steps": steps, "data": data}
@@ -664,8 +683,17 @@ def p_cgroup(a):
         "mount cgroup v1 (rdma, for release_agent)": sc("mount", "cgroup", "/tmp/cg", "cgroup", 0, "rdma"),
         "mount cgroup v1 (memory)": sc("mount", "cgroup", "/tmp/cg", "cgroup", 0, "memory"),
         "mount cgroup2": sc("mount", "cgroup2", "/tmp/cg", "cgroup2", 0, None),
-        "open /sys/fs/cgroup": attempt(lambda: os.listdir("/sys/fs/cgroup")),
     }
+    # /sys/fs/cgroup is the sandbox's own groups, read-only: raising its limits, moving a
+    # process or setting a release agent must fail.
+    top = "/sys/fs/cgroup"
+    dirs = [top] + ([os.path.join(top, d) for d in sorted(os.listdir(top))] if os.path.isdir(top) else [])
+    for d in dirs:
+        for name in ("memory.max", "memory.limit_in_bytes", "pids.max", "cgroup.procs", "release_agent",
+                     "notify_on_release"):
+            path = os.path.join(d, name)
+            if os.path.isfile(path):
+                steps[f"write {path}"] = attempt(lambda p=path: write_text(p, "1"))
     for line in cg.splitlines():
         path = line.split(":", 2)[2]
         steps[f"escape its cgroup ({line.split(':')[1] or 'v2'}) via {path}"] = (

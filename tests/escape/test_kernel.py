@@ -23,7 +23,7 @@ KERNEL_ATTACKS = [
     ("unshare", "new namespaces: unshare/clone/clone3 with every CLONE_NEW* flag, unshare(1)"),
     ("setns", "setns on every namespace reachable through /proc/*/ns and /proc/*/fd, nsenter(1)"),
     ("kernel_memory", "read /proc/kcore, /dev/mem, /dev/kmem, /dev/port, /proc/kmsg, /dev/kmsg, disks"),
-    ("sysfs", "/sys/firmware and /sys generally, mount sysfs"),
+    ("sysfs", "/sys: write it, see firmware or host interfaces, mount another sysfs"),
     ("proc_sys_write", "write /proc/sys (hostname, core_pattern, modprobe, drop_caches, ip_forward, ...)"),
     ("sysrq", "write /proc/sysrq-trigger"),
     ("hostname", "change the hostname / domain name"),
@@ -34,7 +34,7 @@ KERNEL_ATTACKS = [
     ("net_config", "reconfigure the sandbox's network (lo down, addresses, routes)"),
     ("tiocsti", "push input into a terminal (TIOCSTI)"),
     ("overlay_xattr", "forge overlayfs trusted.* xattrs (redirect/opaque/metacopy)"),
-    ("cgroup", "cgroup escape: mount cgroupfs for release_agent, leave its cgroup"),
+    ("cgroup", "cgroup escape: mount cgroupfs for release_agent, write its own limits, leave its cgroup"),
 ]
 
 
