@@ -245,15 +245,7 @@ impl Disk {
         // SAFETY: SUBVOL_CREATE takes a btrfs_ioctl_vol_args.
         unsafe { ioctl(self.root.as_fd(), SUBVOL_CREATE, &mut *args) }?;
         let limited = (|| {
-            let subvol = rustix::fs::openat(
-                &self.root,
-                id,
-                rustix::fs::OFlags::RDONLY
-                    | rustix::fs::OFlags::DIRECTORY
-                    | rustix::fs::OFlags::NOFOLLOW
-                    | rustix::fs::OFlags::CLOEXEC,
-                rustix::fs::Mode::empty(),
-            )?;
+            let subvol = self.open(id)?;
             rustix::fs::fchmod(&subvol, rustix::fs::Mode::from_raw_mode(0o700))?;
             if disk_mb == 0 {
                 return Ok(());
@@ -277,11 +269,9 @@ impl Disk {
         Ok(())
     }
 
-    /// The sysfs directory of `state_dir/<id>`'s quota group, whose `referenced` and
-    /// `max_referenced` are the sandbox's disk use and limit, live (the agent answers `df`
-    /// from them); `None` when the kernel does not list it.
-    pub(crate) fn quota_dir(&self, id: &str) -> io::Result<Option<PathBuf>> {
-        let subvol = rustix::fs::openat(
+    /// `state_dir/<id>`, opened as a directory (never through a symlink).
+    fn open(&self, id: &str) -> io::Result<OwnedFd> {
+        Ok(rustix::fs::openat(
             &self.root,
             id,
             rustix::fs::OFlags::RDONLY
@@ -289,7 +279,14 @@ impl Disk {
                 | rustix::fs::OFlags::NOFOLLOW
                 | rustix::fs::OFlags::CLOEXEC,
             rustix::fs::Mode::empty(),
-        )?;
+        )?)
+    }
+
+    /// The sysfs directory of `state_dir/<id>`'s quota group, whose `referenced` and
+    /// `max_referenced` are the sandbox's disk use and limit, live (the agent answers `df`
+    /// from them); `None` when the kernel does not list it.
+    pub(crate) fn quota_dir(&self, id: &str) -> io::Result<Option<PathBuf>> {
+        let subvol = self.open(id)?;
         let dir = qgroup_sysfs_dir(subvol.as_fd())?;
         Ok(dir.join("max_referenced").exists().then_some(dir))
     }

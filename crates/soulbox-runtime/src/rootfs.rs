@@ -171,21 +171,7 @@ fn attach_agent(root: &OwnedFd, agent_binary: &Path) -> Result<(), RuntimeError>
         ensure_file(bin.as_fd(), "soulbox")
     })()
     .ctx(|| "rootfs: /.soulbox/bin/soulbox")?;
-    let agent = open_tree(
-        CWD,
-        agent_binary,
-        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
-    )
-    .ctx(|| format!("open agent binary {}", agent_binary.display()))?;
-    mount_setattr(
-        agent.as_fd(),
-        MountAttrFlags::MOUNT_ATTR_RDONLY
-            | MountAttrFlags::MOUNT_ATTR_NOSUID
-            | MountAttrFlags::MOUNT_ATTR_NODEV,
-        None,
-    )
-    .ctx(|| "agent binary mount flags")?;
-    attach(&agent, &target).ctx(|| "attach agent binary")
+    attach_host_path(agent_binary, &target, MountAttrFlags::empty())
 }
 
 fn attach_quota(root: &OwnedFd, quota_dir: &Path) -> Result<(), RuntimeError> {
@@ -194,22 +180,31 @@ fn attach_quota(root: &OwnedFd, quota_dir: &Path) -> Result<(), RuntimeError> {
         ensure_dir(dir.as_fd(), "disk")
     })()
     .ctx(|| "rootfs: /.soulbox/disk")?;
-    let quota = open_tree(
+    attach_host_path(quota_dir, &target, MountAttrFlags::MOUNT_ATTR_NOEXEC)
+}
+
+/// Bind-mounts the host's `source` on `target` read-only, nosuid, nodev (plus `extra`).
+fn attach_host_path(
+    source: &Path,
+    target: &OwnedFd,
+    extra: MountAttrFlags,
+) -> Result<(), RuntimeError> {
+    let tree = open_tree(
         CWD,
-        quota_dir,
+        source,
         OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
     )
-    .ctx(|| format!("open {}", quota_dir.display()))?;
+    .ctx(|| format!("open {}", source.display()))?;
     mount_setattr(
-        quota.as_fd(),
+        tree.as_fd(),
         MountAttrFlags::MOUNT_ATTR_RDONLY
             | MountAttrFlags::MOUNT_ATTR_NOSUID
             | MountAttrFlags::MOUNT_ATTR_NODEV
-            | MountAttrFlags::MOUNT_ATTR_NOEXEC,
+            | extra,
         None,
     )
-    .ctx(|| "quota group mount flags")?;
-    attach(&quota, &target).ctx(|| "attach the quota group")
+    .ctx(|| format!("mount flags of {}", source.display()))?;
+    attach(&tree, target).ctx(|| format!("attach {}", source.display()))
 }
 
 fn tmpfs(options: &[(&str, &str)], attrs: MountAttrFlags) -> rustix::io::Result<OwnedFd> {
