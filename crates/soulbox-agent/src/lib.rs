@@ -56,12 +56,15 @@ pub enum AgentError {
 ///
 /// `statfs` is the seccomp user-notification listener the runtime passes with the sandbox's
 /// filter: the agent answers `statfs`/`fstatfs` on the root from the disk quota (see
-/// `statfs.rs`), on the agent's runtime.
+/// `statfs.rs`). It is served before anything else, since a notified call waits for it.
 pub fn run(
     listener: Listener,
     mode: Mode,
     statfs: Option<std::os::fd::OwnedFd>,
 ) -> Result<(), AgentError> {
+    if let Some(fd) = statfs {
+        statfs::start(fd)?;
+    }
     if mode == Mode::Development {
         // Outside a sandbox we are not PID 1: become the subreaper of our descendants so
         // orphans are reaped here, exactly as they would be inside a sandbox.
@@ -80,12 +83,7 @@ pub fn run(
         .max_blocking_threads(128)
         .thread_stack_size(256 * 1024)
         .build()?;
-    rt.block_on(async {
-        if let Some(fd) = statfs {
-            tokio::spawn(statfs::serve(fd));
-        }
-        server::serve(listener, Arc::new(Agent::new(mode))).await
-    })?;
+    rt.block_on(server::serve(listener, Arc::new(Agent::new(mode))))?;
     Ok(())
 }
 

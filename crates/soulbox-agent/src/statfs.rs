@@ -11,9 +11,9 @@
 //! [`DISK_DIR`] (`referenced`, `max_referenced`: live figures, no polling). Every other call
 //! (another filesystem, a bad pointer, no quota) continues to the kernel unchanged.
 //!
-//! Failure mode: a caller waits only on the agent. If the view cannot go on, it drops the
-//! listener and the calls fail with ENOSYS instead of waiting. The agent never calls statfs
-//! itself on the thread that receives notifications (it would wait on itself).
+//! Failure mode: a caller waits only on this thread. If it cannot go on, it returns and drops
+//! the listener, and the calls fail with ENOSYS instead of waiting; the thread never calls
+//! statfs itself (it would wait on itself).
 //!
 //! Threat model: the callers are sandbox processes, possibly hostile. They can only make their
 //! own calls slow or get figures for their own sandbox; the thread reads at most a path from
@@ -25,10 +25,6 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-
-use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
 
 /// Where the host mounts the sandbox's quota group (btrfs sysfs `qgroups/0_<subvolume>`).
 pub const DISK_DIR: &str = "/.soulbox/disk";
@@ -61,92 +57,15 @@ struct KernelStatfs {
 }
 const _: () = assert!(size_of::<KernelStatfs>() == size_of::<libc::statfs>());
 
-/// Answers the notifications of `listener` (a seccomp user-notification fd) until it fails.
-/// The agent's runtime waits for one to be pending; each is answered on a blocking-pool thread
-/// (resolving a caller's path can touch a slow filesystem, e.g. lxcfs's FUSE files). No thread
-/// stands by while nothing calls statfs: a standing one cost every idle sandbox ~40 KiB.
-pub async fn serve(listener: OwnedFd) {
-    let root_dev = match fs::metadata("/") {
-        Ok(m) => m.dev(),
-        Err(e) => return stopped(&e),
-    };
-    // SAFETY: an OwnedFd's descriptor is open, it keeps returning the same one, and only the
-    // AsyncFd (which owns it) closes it.
-    let listener = match unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) } {
-        Ok(l) => Arc::new(l),
-        Err(e) => return stopped(&e.into()),
-    };
-    loop {
-        let mut ready = match listener.readable().await {
-            Ok(r) => r,
-            Err(e) => return stopped(&e),
-        };
-        // Readiness is edge-triggered: take every notification pending now.
-        while pending(listener.as_raw_fd()) {
-            match receive(listener.as_raw_fd()) {
-                Ok(req) => {
-                    let listener = listener.clone();
-                    tokio::task::spawn_blocking(move || {
-                        let fd = listener.as_raw_fd();
-                        respond(fd, &req, answer(&req, root_dev, Path::new(DISK_DIR), fd));
-                    });
-                }
-                // Interrupted, or the caller went away before we received it.
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::ENOENT)) => {}
-                Err(e) => return stopped(&e),
-            }
-        }
-        ready.clear_ready();
-    }
-}
-
-/// Dropping the listener makes every later call fail with ENOSYS instead of waiting.
-fn stopped(e: &io::Error) {
-    tracing::error!(error = %e, "statfs view stopped: statfs calls now fail with ENOSYS");
-}
-
-/// Whether a notification waits to be received (RECV would block otherwise).
-fn pending(fd: RawFd) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one pollfd we own, no timeout.
-    unsafe { libc::poll(&mut p, 1, 0) == 1 && p.revents & libc::POLLIN != 0 }
-}
-
-fn receive(fd: RawFd) -> io::Result<libc::seccomp_notif> {
-    // SAFETY: an all-zero seccomp_notif is valid (plain integers) and is what RECV requires.
-    let mut req: libc::seccomp_notif = unsafe { std::mem::zeroed() };
-    // SAFETY: RECV writes one seccomp_notif into `req`, which we own and which has the size
-    // the ioctl number encodes.
-    if unsafe { libc::ioctl(fd, libc::SECCOMP_IOCTL_NOTIF_RECV, &mut req) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(req)
-}
-
-fn respond(fd: RawFd, req: &libc::seccomp_notif, answer: Answer) {
-    let mut resp = libc::seccomp_notif_resp {
-        id: req.id,
-        val: 0,
-        error: 0,
-        flags: 0,
-    };
-    match answer {
-        Answer::Continue => resp.flags = libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32,
-        Answer::Done => {}
-        Answer::Errno(e) => resp.error = -e,
-    }
-    // SAFETY: SEND reads one seccomp_notif_resp from `resp`, which we own.
-    if unsafe { libc::ioctl(fd, libc::SECCOMP_IOCTL_NOTIF_SEND, &mut resp) } != 0 {
-        // ENOENT: the caller was interrupted or exited meanwhile; nothing waits on it.
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::ENOENT) {
-            tracing::warn!(error = %e, "statfs view: answering a call failed");
-        }
-    }
+/// Starts answering the notifications of `listener` (a seccomp user-notification fd) on a
+/// thread of its own.
+pub fn start(listener: OwnedFd) -> io::Result<()> {
+    let root_dev = fs::metadata("/")?.dev();
+    std::thread::Builder::new()
+        .name("statfs".into())
+        .stack_size(64 * 1024)
+        .spawn(move || serve(&listener, root_dev, Path::new(DISK_DIR)))?;
+    Ok(())
 }
 
 /// What to tell the kernel about one call.
@@ -158,6 +77,47 @@ enum Answer {
     Done,
     /// Fail the call with this errno.
     Errno(i32),
+}
+
+fn serve(listener: &OwnedFd, root_dev: u64, disk_dir: &Path) {
+    let fd = listener.as_raw_fd();
+    loop {
+        // SAFETY: an all-zero seccomp_notif is valid (plain integers) and is what RECV requires.
+        let mut req: libc::seccomp_notif = unsafe { std::mem::zeroed() };
+        // SAFETY: RECV writes one seccomp_notif into `req`, which we own and which has the
+        // size the ioctl number encodes.
+        if unsafe { libc::ioctl(fd, libc::SECCOMP_IOCTL_NOTIF_RECV, &mut req) } != 0 {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                // Interrupted, or the caller went away before we received it.
+                Some(libc::EINTR) | Some(libc::ENOENT) => continue,
+                _ => {
+                    tracing::error!(error = %e, "statfs view stopped: statfs calls now fail with ENOSYS");
+                    return;
+                }
+            }
+        }
+        let answer = answer(&req, root_dev, disk_dir, fd);
+        let mut resp = libc::seccomp_notif_resp {
+            id: req.id,
+            val: 0,
+            error: 0,
+            flags: 0,
+        };
+        match answer {
+            Answer::Continue => resp.flags = libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32,
+            Answer::Done => {}
+            Answer::Errno(e) => resp.error = -e,
+        }
+        // SAFETY: SEND reads one seccomp_notif_resp from `resp`, which we own.
+        if unsafe { libc::ioctl(fd, libc::SECCOMP_IOCTL_NOTIF_SEND, &mut resp) } != 0 {
+            // ENOENT: the caller was interrupted or exited meanwhile; nothing waits on it.
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                tracing::warn!(error = %e, "statfs view: answering a call failed");
+            }
+        }
+    }
 }
 
 fn answer(req: &libc::seccomp_notif, root_dev: u64, disk_dir: &Path, listener: RawFd) -> Answer {
