@@ -13,7 +13,9 @@
 //!
 //! Failure mode: a caller waits only on this thread. If it cannot go on, it returns and drops
 //! the listener, and the calls fail with ENOSYS instead of waiting; the thread never calls
-//! statfs itself (it would wait on itself).
+//! statfs itself (it would wait on itself). It must be a thread of its own, not a task on the
+//! agent's runtime: the agent calls statfs too (a watch checks for network mounts), and on the
+//! runtime's one thread that call would wait for an answer only that thread could give.
 //!
 //! Threat model: the callers are sandbox processes, possibly hostile. They can only make their
 //! own calls slow or get figures for their own sandbox; the thread reads at most a path from
