@@ -207,7 +207,11 @@ fn attach_host_path(
     attach(&tree, target).ctx(|| format!("attach {}", source.display()))
 }
 
-fn tmpfs(options: &[(&str, &str)], attrs: MountAttrFlags) -> rustix::io::Result<OwnedFd> {
+/// A new detached tmpfs with `options`, mounted with `attrs`.
+pub(crate) fn tmpfs(
+    options: &[(&str, &str)],
+    attrs: MountAttrFlags,
+) -> rustix::io::Result<OwnedFd> {
     let fs = fsopen("tmpfs", FsOpenFlags::FSOPEN_CLOEXEC)?;
     for (k, v) in options {
         fsconfig_set_string(&fs, *k, *v)?;

@@ -33,10 +33,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use rustix::fs::{Mode, OFlags, mkdirat, open, symlinkat};
-use rustix::mount::{
-    FsMountFlags, FsOpenFlags, MountAttrFlags, OpenTreeFlags, fsconfig_create, fsconfig_set_string,
-    fsmount, fsopen, open_tree,
-};
+use rustix::mount::{MountAttrFlags, OpenTreeFlags, open_tree};
 use rustix::thread::{CpuSet, sched_getaffinity};
 
 use crate::RuntimeError;
@@ -202,22 +199,17 @@ impl Views {
     /// co-mounted v1 controllers such as `cpu,cpuacct`, a symlink per controller), read-only.
     fn cgroup_tmpfs(&self, uid_base: u32) -> Result<OwnedFd, RuntimeError> {
         let owner = uid_base.to_string();
-        let fs = fsopen("tmpfs", FsOpenFlags::FSOPEN_CLOEXEC).ctx(|| "fsopen tmpfs")?;
-        (|| {
-            for (k, v) in [
+        let mnt = crate::rootfs::tmpfs(
+            &[
                 ("mode", "0755"),
                 ("size", "4k"),
                 ("nr_inodes", "64"),
-                ("uid", owner.as_str()),
-                ("gid", owner.as_str()),
-            ] {
-                fsconfig_set_string(&fs, k, v)?;
-            }
-            fsconfig_create(&fs)
-        })()
-        .ctx(|| "create /sys/fs/cgroup tmpfs")?;
-        let mnt = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::empty())
-            .ctx(|| "fsmount /sys/fs/cgroup tmpfs")?;
+                ("uid", &owner),
+                ("gid", &owner),
+            ],
+            MountAttrFlags::empty(),
+        )
+        .ctx(|| "mount /sys/fs/cgroup tmpfs")?;
         for view in &self.cgroups {
             mkdirat(&mnt, view.dir.as_c_str(), Mode::from_raw_mode(0o755))
                 .ctx(|| format!("mkdir /sys/fs/cgroup/{:?}", view.dir))?;
