@@ -119,21 +119,7 @@ impl Rtnl {
 
     /// Names of every interface of this namespace.
     pub(crate) fn link_names(&mut self) -> io::Result<Vec<String>> {
-        let mut names = Vec::new();
-        self.exchange(
-            RouteNetlinkMessage::GetLink(LinkMessage::default()),
-            netlink_packet_core::NLM_F_DUMP,
-            |m| {
-                if let RouteNetlinkMessage::NewLink(l) = m {
-                    for a in l.attributes {
-                        if let LinkAttribute::IfName(n) = a {
-                            names.push(n);
-                        }
-                    }
-                }
-            },
-        )?;
-        Ok(names)
+        Ok(self.link_map()?.into_values().collect())
     }
 
     pub(crate) fn set_up(&mut self, index: u32) -> io::Result<()> {
