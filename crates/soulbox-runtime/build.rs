@@ -107,6 +107,17 @@ const SOCKET_FAMILIES: [u64; 4] = [
 /// `su` could type into the shell that started it); TIOCLINUX talks to the host console.
 const IOCTLS: [u64; 2] = [libc::TIOCSTI, 0x541C /* TIOCLINUX */];
 
+/// btrfs ioctls refused (matched on type and number, whatever the size and direction bits):
+/// those that make a subvolume or a snapshot. A volume is a btrfs subvolume mounted into the
+/// sandbox, and a subvolume made inside it would have a quota group of its own, outside the
+/// volume's size limit (`soulbox_runtime::volumes`). Reflinks (FICLONE, 0x94/9) stay allowed.
+const BTRFS_IOCTLS: [u64; 4] = [
+    0x9401, // BTRFS_IOC_SNAP_CREATE
+    0x940e, // BTRFS_IOC_SUBVOL_CREATE
+    0x9417, // BTRFS_IOC_SNAP_CREATE_V2
+    0x9418, // BTRFS_IOC_SUBVOL_CREATE_V2
+];
+
 /// personality(2) flags refused: they weaken exploit mitigations (executable heap, legacy
 /// mmap layout, a mapped page 0). `ADDR_NO_RANDOMIZE` stays allowed for debuggers.
 const PERSONALITY_FLAGS: [u64; 3] = [
@@ -163,6 +174,10 @@ fn filter(arch: ScmpArch) -> Result<ScmpFilterContext> {
     }
     for request in IOCTLS {
         f.add_rule_conditional(eperm, syscall("ioctl")?, &[low32_eq(1, request)])?;
+    }
+    for request in BTRFS_IOCTLS {
+        let cmp = ScmpArgCompare::new(1, ScmpCompareOp::MaskedEqual(0xffff), request);
+        f.add_rule_conditional(eperm, syscall("ioctl")?, &[cmp])?;
     }
     // statfs/fstatfs wait for the agent, which answers those on the root with the sandbox's
     // disk quota and lets the rest through (soulbox-agent's statfs.rs); PID 1 loads the filter

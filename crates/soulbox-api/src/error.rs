@@ -37,9 +37,11 @@ impl From<CoreError> for ApiError {
     fn from(e: CoreError) -> ApiError {
         let status = match &e {
             CoreError::NotFound(_)
+            | CoreError::VolumeNotFound(_)
             | CoreError::TemplateNotFound(_)
             | CoreError::TemplateNotBuilt(_) => StatusCode::NOT_FOUND,
             CoreError::Conflict(_) => StatusCode::CONFLICT,
+            CoreError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             CoreError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
             CoreError::Capacity(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,

@@ -10,6 +10,7 @@ mod error;
 mod network;
 pub mod query;
 pub mod templates;
+mod volumes;
 
 use std::future::Future;
 use std::time::Duration;
@@ -55,6 +56,7 @@ pub fn router(manager: Manager) -> Router {
         .route("/v2/sandboxes/{id}/connect", post(connect_v2))
         .route(soulbox_wire::rest::POOLS_PATH, get(pools))
         .merge(templates::authenticated())
+        .merge(volumes::authenticated())
         .route_layer(middleware::from_fn_with_state(
             manager.clone(),
             authenticate,
@@ -62,6 +64,7 @@ pub fn router(manager: Manager) -> Router {
     Router::new()
         .route("/health", get(health))
         .merge(templates::public())
+        .merge(volumes::content())
         .merge(authenticated)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -177,6 +180,7 @@ async fn create(
             metadata: req.metadata.unwrap_or_default(),
             env_vars: req.env_vars.unwrap_or_default(),
             network,
+            volume_mounts: req.volume_mounts.unwrap_or_default(),
         })
         .await?;
     Ok((StatusCode::CREATED, axum::Json(sandbox_body(&m, info))))
@@ -225,6 +229,7 @@ async fn get_sandbox(
     Path(id): Path<String>,
 ) -> Result<axum::Json<SandboxDetail>, ApiError> {
     let info = m.get(&id).await?;
+    let volume_mounts = m.sandbox_volume_mounts(&info.id).await?;
     let (allow_internet_access, network) = network::detail(info.network);
     Ok(axum::Json(SandboxDetail {
         template_id: info.template_id,
@@ -243,6 +248,7 @@ async fn get_sandbox(
         domain: m.domain().map(str::to_owned),
         allow_internet_access,
         network,
+        volume_mounts,
     }))
 }
 

@@ -9,6 +9,7 @@ mod sandbox;
 mod sandbox_exec;
 mod serve;
 mod template;
+mod volume;
 
 use clap::{Parser, Subcommand};
 
@@ -35,6 +36,8 @@ enum Command {
     Interpreter(interpreter::InterpreterArgs),
     /// Build and manage templates on a running server.
     Template(template::TemplateArgs),
+    /// Manage volumes and their files on a running server.
+    Volume(volume::VolumeArgs),
     /// Measure a running server: latency, idle density, and peers side by side.
     Bench(bench::BenchArgs),
     /// Take a stopped server's sandboxes, network objects and disk mount off the host.
@@ -77,6 +80,7 @@ fn main() -> std::process::ExitCode {
         Command::Sandbox(args) => sandbox::run(args),
         Command::Interpreter(args) => interpreter::run(args),
         Command::Template(args) => template::run(args),
+        Command::Volume(args) => volume::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Down(args) => down::run(args),
     };

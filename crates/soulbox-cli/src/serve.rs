@@ -20,6 +20,9 @@ use tokio::sync::watch;
 pub(crate) const DEFAULT_DATA_DIR: &str = "/var/lib/soulbox";
 /// The runtime's state dir inside the data dir: one directory per sandbox.
 pub(crate) const STATE_DIR: &str = "sandboxes";
+/// Volumes' files, inside the state dir (on its btrfs image); not a sandbox id, so the
+/// runtime's orphan reaping leaves it alone.
+pub(crate) const VOLUMES_DIR: &str = "volumes";
 /// The data dir's lock file (see [`lock_data_dir`]); its presence marks a SoulBox data dir.
 pub(crate) const LOCK_FILE: &str = "serve.lock";
 /// The btrfs image mounted on [`STATE_DIR`] (see [`prepare_disk_limits`]).
@@ -89,6 +92,10 @@ pub struct ServeArgs {
     /// Free process slots (pid_max / threads-max minus tasks) the host keeps, likewise.
     #[arg(long, value_name = "N", default_value_t = 1024)]
     pub reserve_tasks: u64,
+    /// Size limit in MiB of each new volume (`$DATA/sandboxes/volumes/<id>`, docs/volumes.md);
+    /// enforced on the btrfs disk image.
+    #[arg(long, value_name = "MIB", default_value_t = soulbox_core::DEFAULT_VOLUME_SIZE_MB)]
+    pub volume_size_mb: u64,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -169,6 +176,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 },
                 ..soulbox_core::PoolConfig::default()
             },
+            volumes_dir: Some(data.join(STATE_DIR).join(VOLUMES_DIR)),
+            volume_size_mb: args.volume_size_mb,
             ..ManagerConfig::default()
         },
         store.clone(),
@@ -193,6 +202,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         writeln!(out, "export E2B_API_URL={api_url}")?;
         writeln!(out, "export E2B_SANDBOX_URL={sandbox_url}")?;
         writeln!(out, "export E2B_API_KEY={admin_key}")?;
+        // The volume content API is served on the control plane's listener.
+        writeln!(out, "export E2B_VOLUME_API_URL={api_url}")?;
         if let Some(mode) = &domain_mode {
             write!(out, "{}", mode.exports())?;
         }

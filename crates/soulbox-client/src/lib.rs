@@ -4,3 +4,4 @@
 
 pub mod envd;
 pub mod rest;
+pub mod volumes;

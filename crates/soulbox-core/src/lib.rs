@@ -18,6 +18,7 @@ mod network;
 mod pool;
 mod template_exec;
 mod templates;
+mod volumes;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -39,6 +40,10 @@ pub use templates::{
     BuildConfig, BuildLogLine, BuildSource, BuildSpec, BuildView, DEFAULT_TAG, READY_TIMEOUT,
     SdkStep, TemplateView, split_name_tag, valid_template_name,
 };
+pub use volumes::{
+    DEFAULT_VOLUME_SIZE_MB, VolumeAttrs, VolumeDir, VolumeEntry, VolumeEntryKind, VolumeFsError,
+    VolumePath, check_volume_attrs, valid_volume_name,
+};
 
 /// The envd version reported to the SDKs; it gates SDK features (protocol doc §4.8).
 pub const ENVD_VERSION: &str = "0.6.4";
@@ -51,6 +56,11 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 pub enum CoreError {
     #[error("sandbox {0} not found")]
     NotFound(String),
+    #[error("volume {0} not found")]
+    VolumeNotFound(String),
+    /// A credential that does not hold (401), e.g. a volume token.
+    #[error("{0}")]
+    Unauthorized(String),
     #[error("template '{0}' not found")]
     TemplateNotFound(String),
     /// A shipped template that has not been built on this server yet.
@@ -93,6 +103,10 @@ pub struct ManagerConfig {
     pub build_ca_bundle: Option<PathBuf>,
     /// Warm pools and the host reserve that refuses creates (see the `pool` module).
     pub pool: PoolConfig,
+    /// Where volumes keep their files (`$DATA/sandboxes/volumes`); `None`: no volumes.
+    pub volumes_dir: Option<PathBuf>,
+    /// Size limit of new volumes in MiB (0: [`DEFAULT_VOLUME_SIZE_MB`]).
+    pub volume_size_mb: u64,
 }
 
 impl Default for ManagerConfig {
@@ -104,6 +118,8 @@ impl Default for ManagerConfig {
             network: None,
             build_ca_bundle: None,
             pool: PoolConfig::default(),
+            volumes_dir: None,
+            volume_size_mb: 0,
         }
     }
 }
@@ -119,6 +135,8 @@ pub struct CreateRequest {
     pub env_vars: BTreeMap<String, String>,
     /// Egress policy (`allow_internet_access`, `network.allowOut`/`denyOut`).
     pub network: EgressConfig,
+    /// Volumes to mount (by name); a create with any never takes a warm pool member.
+    pub volume_mounts: Vec<soulbox_wire::volumes::SandboxVolumeMount>,
 }
 
 /// A sandbox as clients see it.
@@ -188,6 +206,7 @@ struct Inner {
     live: RwLock<HashMap<String, Live>>,
     templates: Option<templates::State>,
     pools: pool::Pools,
+    volumes: Option<volumes::Volumes>,
 }
 
 /// The sandbox lifecycle. Cheap to clone; clones share state.
@@ -211,6 +230,11 @@ impl Manager {
             .map(templates::State::open)
             .transpose()?;
         let pools = pool::Pools::new(cfg.pool.clone());
+        let volumes = cfg
+            .volumes_dir
+            .as_deref()
+            .map(|dir| volumes::Volumes::open(dir, cfg.volume_size_mb))
+            .transpose()?;
         let manager = Manager {
             inner: Arc::new(Inner {
                 cfg,
@@ -219,6 +243,7 @@ impl Manager {
                 live: RwLock::new(HashMap::new()),
                 templates,
                 pools,
+                volumes,
             }),
         };
         let mut keep = HashSet::new();
@@ -267,6 +292,7 @@ impl Manager {
             }
         }
         manager.recover_templates().await?;
+        manager.prune_volume_mounts().await?;
         manager.start_pools();
         Ok(manager)
     }
@@ -292,14 +318,25 @@ impl Manager {
         validate_timeout_duration(req.timeout)?;
         validate_env_vars(&req.env_vars)?;
         let template = self.resolve_template(&req.template).await?;
-        if let Some(info) = self.create_from_pool(&template, &req).await? {
+        let mounts = self.resolve_volume_mounts(&req.volume_mounts).await?;
+        // A pool member was made without the volumes: only cold creates mount them.
+        if mounts.runtime.is_empty()
+            && let Some(info) = self.create_from_pool(&template, &req).await?
+        {
             return Ok(info);
         }
         self.check_host_capacity()?;
         let id = self.unused_id().await?;
+        self.record_volume_mounts(&id, &mounts).await?;
         let t0 = std::time::Instant::now();
         let handle = self
-            .prepare(&id, &template, &req.env_vars, &req.network)
+            .prepare_mounted(
+                &id,
+                &template,
+                &req.env_vars,
+                &req.network,
+                mounts.runtime.clone(),
+            )
             .await?;
         let t_ready = t0.elapsed();
         let created = self.finish_create(&handle, &template, &req).await;
@@ -326,6 +363,19 @@ impl Manager {
         env_vars: &BTreeMap<String, String>,
         network: &EgressConfig,
     ) -> Result<SandboxHandle, CoreError> {
+        self.prepare_mounted(id, template, env_vars, network, Vec::new())
+            .await
+    }
+
+    /// [`Manager::prepare`] with volumes mounted into the sandbox.
+    pub(crate) async fn prepare_mounted(
+        &self,
+        id: &str,
+        template: &templates::Resolved,
+        env_vars: &BTreeMap<String, String>,
+        network: &EgressConfig,
+        volumes: Vec<soulbox_runtime::VolumeMount>,
+    ) -> Result<SandboxHandle, CoreError> {
         let spec = SandboxSpec {
             id: id.to_owned(),
             layers: template.layers.clone(),
@@ -335,6 +385,7 @@ impl Manager {
                 disk_mb: template.config.disk_mb,
                 ..Limits::default()
             },
+            volumes,
         };
         let handle = self.create_in_network(&spec, network).await?;
         let setup = async {

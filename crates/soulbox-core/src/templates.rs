@@ -1087,6 +1087,7 @@ impl Manager {
                 disk_mb: config.disk_mb,
                 ..Limits::default()
             },
+            volumes: Vec::new(),
         };
         let started = Instant::now();
         let handle = self.create_build_sandbox(&spec).await.map_err(fail)?;
@@ -1458,6 +1459,7 @@ impl Manager {
             id: new_sandbox_id(),
             layers: layers.to_vec(),
             limits: BUILD_LIMITS,
+            volumes: Vec::new(),
         };
         let handle = self.create_build_sandbox(&spec).await.map_err(fail)?;
         let outcome = async {

@@ -106,6 +106,7 @@ fn main() {
                 disk_mb: if btrfs { 1024 } else { 0 },
                 ..Limits::default()
             },
+            volumes: Vec::new(),
         }
     };
     tokio.block_on(async {

@@ -600,6 +600,82 @@ fn run(cmd: &mut Command) -> Result<(), RuntimeError> {
     Ok(())
 }
 
+/// Whether `dir` is on btrfs.
+pub(crate) fn on_btrfs(dir: BorrowedFd<'_>) -> io::Result<bool> {
+    let fs = rustix::fs::fstatfs(dir)?;
+    Ok(fs.f_type as i64 == BTRFS_SUPER_MAGIC)
+}
+
+/// Turns quotas on for the btrfs filesystem of `dir` (simple quotas where the kernel has
+/// them); a no-op where they are on.
+pub(crate) fn enable_quotas(dir: BorrowedFd<'_>) -> io::Result<()> {
+    for cmd in [QUOTA_CTL_ENABLE_SIMPLE_QUOTA, QUOTA_CTL_ENABLE] {
+        let mut args = QuotaCtlArgs { cmd, status: 0 };
+        // SAFETY: QUOTA_CTL takes a btrfs_ioctl_quota_ctl_args.
+        match unsafe { ioctl(dir, QUOTA_CTL, &mut args) } {
+            Ok(()) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::from(io::ErrorKind::Unsupported))
+}
+
+/// Creates subvolume `parent/name` (mode 0700) limited to `limit_mb` MiB (0: no limit), as
+/// [`Disk::create`] does for sandboxes (the volumes of `crate::volumes`).
+pub(crate) fn create_limited_subvolume(
+    parent: BorrowedFd<'_>,
+    name: &str,
+    limit_mb: u64,
+) -> io::Result<()> {
+    let mut args = vol_args(name)?;
+    // SAFETY: SUBVOL_CREATE takes a btrfs_ioctl_vol_args.
+    unsafe { ioctl(parent, SUBVOL_CREATE, &mut *args) }?;
+    if limit_mb == 0 {
+        return Ok(());
+    }
+    let limited = (|| {
+        let subvol: OwnedFd = rustix::fs::openat(
+            parent,
+            name,
+            rustix::fs::OFlags::RDONLY
+                | rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::NOFOLLOW
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
+        let mut limit = QgroupLimitArgs {
+            qgroupid: 0,
+            flags: QGROUP_LIMIT_MAX_RFER,
+            max_rfer: limit_mb.saturating_mul(1 << 20),
+            max_excl: 0,
+            rsv_rfer: 0,
+            rsv_excl: 0,
+        };
+        // SAFETY: QGROUP_LIMIT takes a btrfs_ioctl_qgroup_limit_args.
+        unsafe { ioctl(subvol.as_fd(), QGROUP_LIMIT, &mut limit) }
+    })();
+    if let Err(e) = limited {
+        let _ = destroy_subvolume(parent, name);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Deletes subvolume `parent/name`: `Ok(true)` when it is gone (or was missing), `Ok(false)`
+/// when btrfs refuses because it is not a subvolume or holds other subvolumes (the caller
+/// empties it first).
+pub(crate) fn destroy_subvolume(parent: BorrowedFd<'_>, name: &str) -> io::Result<bool> {
+    let mut args = vol_args(name)?;
+    // SAFETY: SNAP_DESTROY takes a btrfs_ioctl_vol_args.
+    match unsafe { ioctl(parent, SNAP_DESTROY, &mut *args) } {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTEMPTY)) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -26,6 +26,7 @@ mod spawn;
 mod sys;
 mod userns;
 mod views;
+mod volumes;
 
 use std::collections::{BTreeSet, HashSet};
 use std::ffi::CString;
@@ -46,6 +47,10 @@ use crate::error::Context;
 pub use disk::prepare_state_fs;
 pub use error::RuntimeError;
 pub use lxcfs::{Lxcfs, lxcfs_pidfile, start_lxcfs, stop_lxcfs};
+pub use volumes::{
+    Attrs, Entry, EntryKind, VOLUME_OWNER, VolumeDir, VolumeFsError, VolumeMount, VolumePath,
+    VolumeStore, check_attrs, mount_path_components,
+};
 
 /// Where the runtime keeps its state and what it runs inside every sandbox.
 #[derive(Debug, Clone)]
@@ -99,6 +104,8 @@ pub struct SandboxSpec {
     /// Read-only root filesystem layers (host directories), lowest first.
     pub layers: Vec<PathBuf>,
     pub limits: Limits,
+    /// Volumes mounted into the sandbox (idmapped, read-write, nosuid, nodev).
+    pub volumes: Vec<VolumeMount>,
 }
 
 /// A network made for a sandbox beforehand (a network "slot", see the `soulbox-net` crate),
@@ -528,6 +535,7 @@ impl Inner {
             agent_binary: &self.cfg.agent_binary,
             shm_mb: spec.limits.memory_mb,
             quota_dir: quota_dir.as_deref(),
+            volumes: &spec.volumes,
         })?;
         let socket_path = dir.join(AGENT_SOCKET);
         let listener =

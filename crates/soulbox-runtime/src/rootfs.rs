@@ -13,6 +13,8 @@
 //! /.soulbox/bin/soulbox   the agent binary, bind-mounted read-only, nosuid
 //! /.soulbox/disk          the sandbox's btrfs quota group in sysfs (`referenced`,
 //!                         `max_referenced`), read-only: the agent answers `df` from it
+//! <volume mount paths>    the volumes the create asked for (`crate::volumes`): bind mounts,
+//!                         idmapped with the sandbox's user namespace, nosuid, nodev
 //! ```
 //!
 //! `/tmp` and `/run` are plain overlay directories.
@@ -49,6 +51,8 @@ pub(crate) struct TreeSpec<'a> {
     pub(crate) shm_mb: u64,
     /// The sysfs directory of the sandbox's quota group, when it has one.
     pub(crate) quota_dir: Option<&'a Path>,
+    /// Volumes to mount, each on a directory of the tree (made where missing).
+    pub(crate) volumes: &'a [crate::VolumeMount],
 }
 
 /// A built tree: not attached anywhere yet; dropping it unmounts everything.
@@ -81,6 +85,9 @@ pub(crate) fn build(s: &TreeSpec<'_>) -> Result<Tree, RuntimeError> {
     attach_agent(&root, s.agent_binary)?;
     if let Some(quota) = s.quota_dir {
         attach_quota(&root, quota)?;
+    }
+    for v in s.volumes {
+        attach_volume(&root, v, s.userns)?;
     }
     let dev = dev_tree(s)?;
     let dev_dir = ensure_dir(root.as_fd(), "dev").ctx(|| "rootfs: /dev")?;
@@ -181,6 +188,42 @@ fn attach_quota(root: &OwnedFd, quota_dir: &Path) -> Result<(), RuntimeError> {
     })()
     .ctx(|| "rootfs: /.soulbox/disk")?;
     attach_host_path(quota_dir, &target, MountAttrFlags::MOUNT_ATTR_NOEXEC)
+}
+
+/// Bind-mounts volume `v` on its path in the tree, idmapped like the template layers (on-disk
+/// ids are sandbox ids, so sandboxes in different uid ranges share its files and owners),
+/// read-write, nosuid, nodev. The mount point's directories are made in the upper layer where
+/// missing; a symlink or a file on the way (from the template) fails the create.
+fn attach_volume(
+    root: &OwnedFd,
+    v: &crate::VolumeMount,
+    userns: BorrowedFd<'_>,
+) -> Result<(), RuntimeError> {
+    let comps =
+        crate::volumes::mount_path_components(&v.target).map_err(RuntimeError::InvalidSpec)?;
+    let target = (|| {
+        let mut dir = ensure_dir(root.as_fd(), comps[0])?;
+        for name in &comps[1..] {
+            dir = ensure_dir(dir.as_fd(), name)?;
+        }
+        Ok::<_, Errno>(dir)
+    })()
+    .ctx(|| format!("rootfs: volume mount point {}", v.target))?;
+    let tree = open_tree(
+        CWD,
+        &v.source,
+        OpenTreeFlags::OPEN_TREE_CLONE
+            | OpenTreeFlags::OPEN_TREE_CLOEXEC
+            | OpenTreeFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .ctx(|| format!("open volume {}", v.source.display()))?;
+    mount_setattr(
+        tree.as_fd(),
+        MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV,
+        Some(userns),
+    )
+    .ctx(|| format!("idmap volume {}", v.source.display()))?;
+    attach(&tree, &target).ctx(|| format!("attach volume on {}", v.target))
 }
 
 /// Bind-mounts the host's `source` on `target` read-only, nosuid, nodev (plus `extra`).

@@ -219,6 +219,7 @@ async fn creator_process() {
         id: new_id(),
         layers: vec![rootfs()],
         limits: Limits::default(),
+        volumes: Vec::new(),
     };
     let h = rt.create(&spec).await.expect("create");
     std::fs::write(out, serde_json::to_vec(&h).expect("json")).expect("write handle");

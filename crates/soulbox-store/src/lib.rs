@@ -11,6 +11,7 @@
 
 mod keys;
 mod templates;
+mod volumes;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::OpenOptionsExt;
@@ -25,6 +26,7 @@ use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
 pub use keys::{generate_api_key, hash_api_key, is_api_key_format};
 pub use templates::{BuildRecord, BuildStatus, TagRecord, TemplateDef};
+pub use volumes::{VolumeMountRecord, VolumeRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

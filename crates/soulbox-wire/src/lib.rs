@@ -7,3 +7,4 @@ pub mod connect;
 pub mod envd;
 pub mod rest;
 pub mod tunnel;
+pub mod volumes;

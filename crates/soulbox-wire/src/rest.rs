@@ -35,6 +35,9 @@ pub struct NewSandbox {
     pub metadata: Option<BTreeMap<String, String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env_vars: Option<BTreeMap<String, String>>,
+    /// Volumes mounted into the sandbox (by name; `crate::volumes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_mounts: Option<Vec<crate::volumes::SandboxVolumeMount>>,
 }
 
 /// `network` of a create body and of `SandboxDetail` (`SandboxNetworkConfig`). Only the egress
@@ -157,6 +160,9 @@ pub struct SandboxDetail {
     pub allow_internet_access: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<SandboxNetworkConfig>,
+    /// The volumes it mounts (by name; `crate::volumes`).
+    #[serde(default)]
+    pub volume_mounts: Vec<crate::volumes::SandboxVolumeMount>,
 }
 
 /// One entry of `GET /sandboxes` and `GET /v2/sandboxes` (`ListedSandbox`).
@@ -329,6 +335,7 @@ mod tests {
                 deny_out: Some(vec!["0.0.0.0/0".into()]),
                 ..SandboxNetworkConfig::default()
             }),
+            volume_mounts: Vec::new(),
         };
         let v = serde_json::to_value(&d).expect("serialise");
         assert_eq!(v["memoryMB"], 512);

@@ -304,6 +304,7 @@ pub async fn run_soulbox_cold(rootfs: &Path, runs: usize) -> anyhow::Result<Vec<
             id: soulbox_core::new_sandbox_id(),
             layers: vec![rootfs.to_path_buf()],
             limits: Limits::default(),
+            volumes: Vec::new(),
         };
         let t0 = Instant::now();
         let handle = runtime.create(&spec).await?;

@@ -106,6 +106,7 @@ impl Env {
             id: new_id(),
             layers: vec![rootfs()],
             limits,
+            volumes: Vec::new(),
         }
     }
 
