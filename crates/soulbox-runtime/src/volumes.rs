@@ -561,11 +561,22 @@ impl VolumeDir {
         ))
     }
 
-    /// Changes owner and mode of `p` (mode only on files and directories).
+    /// Changes owner and mode of `p`: files and directories only (a symlink is refused, not
+    /// followed, and not changed itself either).
     pub fn set_metadata(&self, p: &VolumePath, attrs: Attrs) -> Result<Entry, VolumeFsError> {
         check_attrs(p, attrs)?;
+        let fd = self.open(p, OFlags::PATH, Mode::empty())?;
+        let st = fstat(&fd).map_err(|e| io_err(&p.display(), e))?;
+        if !matches!(
+            FileType::from_raw_mode(st.st_mode),
+            FileType::RegularFile | FileType::Directory
+        ) {
+            return Err(VolumeFsError::Refused {
+                path: p.display(),
+                what: "owner and mode can only be set on files and directories",
+            });
+        }
         if attrs.uid.is_some() || attrs.gid.is_some() {
-            let fd = self.open(p, OFlags::PATH, Mode::empty())?;
             rustix::fs::chownat(
                 &fd,
                 "",
@@ -576,8 +587,6 @@ impl VolumeDir {
             .map_err(|e| io_err(&p.display(), e))?;
         }
         if let Some(mode) = attrs.mode {
-            let probe = self.open(p, OFlags::PATH, Mode::empty())?;
-            let st = fstat(&probe).map_err(|e| io_err(&p.display(), e))?;
             let flags = match FileType::from_raw_mode(st.st_mode) {
                 FileType::Directory => OFlags::RDONLY | OFlags::DIRECTORY,
                 FileType::RegularFile => OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY,
@@ -937,6 +946,12 @@ mod tests {
             )
             .is_err()
         );
+        let chown = Attrs {
+            uid: Some(0),
+            ..Attrs::default()
+        };
+        assert!(v.set_metadata(&path("/leak"), chown).is_err());
+        assert!(v.set_metadata(&path("/other/b.txt"), chown).is_err());
         assert_eq!(
             std::fs::read_to_string(&outside).expect("read"),
             "host secret"
