@@ -28,6 +28,9 @@ use crate::{Limits, RuntimeError, error::Context, proc, valid_id};
 
 /// CFS period; the quota is `cpu_count` of them.
 const CPU_PERIOD_US: u64 = 100_000;
+/// How long a freeze or thaw may take: a task in an uninterruptible sleep (D state) holds a
+/// freeze up until its I/O ends.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long killing a group may take before we give up and report it.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -422,6 +425,64 @@ impl Cgroups {
             sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(10));
         }
+    }
+
+    /// Freezes or thaws every task of the sandbox's groups and waits until the kernel says
+    /// they all are: cgroup2's `cgroup.freeze` where the sandbox has a cgroup2 group (Linux ≥
+    /// 5.2), else the v1 freezer. cgroup2 lets a fatal signal through a freeze, so a frozen
+    /// sandbox is killed as any other; on v1, [`Cgroups::kill`] thaws after signalling.
+    pub(crate) fn freeze(&self, id: &str, frozen: bool) -> Result<(), RuntimeError> {
+        let v2 = self
+            .groups(id)
+            .find(|(h, dir)| h.v2 && dir.join("cgroup.freeze").exists());
+        let (file, value, done): (PathBuf, &str, Box<dyn Fn() -> bool>) = match v2 {
+            Some((_, dir)) => {
+                let events = dir.join("cgroup.events");
+                let want = if frozen { "frozen 1" } else { "frozen 0" };
+                (
+                    dir.join("cgroup.freeze"),
+                    if frozen { "1" } else { "0" },
+                    Box::new(move || {
+                        fs::read_to_string(&events).is_ok_and(|e| e.lines().any(|l| l == want))
+                    }),
+                )
+            }
+            None => {
+                let Some((_, dir)) = self.groups(id).find(|(h, _)| h.roles.freezer) else {
+                    return Err(RuntimeError::Unsupported(
+                        "no cgroup freezer (cgroup2 cgroup.freeze or the v1 freezer)".into(),
+                    ));
+                };
+                let state = dir.join("freezer.state");
+                let want = if frozen { "FROZEN" } else { "THAWED" };
+                let check = state.clone();
+                (
+                    state,
+                    want,
+                    Box::new(move || fs::read_to_string(&check).is_ok_and(|s| s.trim() == want)),
+                )
+            }
+        };
+        match fs::write(&file, value) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return Err(RuntimeError::NotFound(id.to_owned()));
+            }
+            Err(e) => return Err(e).ctx(|| format!("write {value} to {}", file.display())),
+        }
+        let deadline = Instant::now() + FREEZE_TIMEOUT;
+        let mut pause = Duration::from_micros(100);
+        while !done() {
+            if Instant::now() > deadline {
+                return Err(RuntimeError::Timeout(format!(
+                    "waiting for sandbox {id} to be {}",
+                    if frozen { "frozen" } else { "thawed" }
+                )));
+            }
+            sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(5));
+        }
+        Ok(())
     }
 
     /// v1 without cgroup2: freeze, signal everything, thaw (the signals land on thaw), so that

@@ -10,6 +10,8 @@ pub enum RuntimeError {
     InvalidId(String),
     #[error("invalid sandbox spec: {0}")]
     InvalidSpec(String),
+    #[error("sandbox {0} has no kept state to resume")]
+    NotFound(String),
     #[error("sandbox {0} already exists")]
     AlreadyExists(String),
     #[error("no free uid range for another sandbox")]

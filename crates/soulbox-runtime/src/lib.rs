@@ -377,6 +377,65 @@ impl Runtime {
         .map_err(join_error)?
     }
 
+    /// Freezes (`true`) or thaws (`false`) every process of the sandbox through its cgroup
+    /// freezer; returns once all of them are (and, frozen, its files are on disk). A frozen
+    /// sandbox keeps its memory, uid range, network and state directory and can be destroyed
+    /// as it is.
+    pub async fn freeze(&self, h: &SandboxHandle, frozen: bool) -> Result<(), RuntimeError> {
+        if !valid_id(&h.id) {
+            return Err(RuntimeError::InvalidId(h.id.clone()));
+        }
+        let inner = self.inner.clone();
+        let id = h.id.clone();
+        tokio::task::spawn_blocking(move || {
+            inner.cgroups.freeze(&id, frozen)?;
+            if frozen { inner.sync(&id) } else { Ok(()) }
+        })
+        .await
+        .map_err(join_error)?
+    }
+
+    /// Ends every process of the sandbox and removes its cgroups, but keeps its state
+    /// directory (upper layer, uid range, synced to disk) for
+    /// [`Runtime::resume_with_network`]. Idempotent.
+    pub async fn stop(&self, h: &SandboxHandle) -> Result<(), RuntimeError> {
+        if !valid_id(&h.id) {
+            return Err(RuntimeError::InvalidId(h.id.clone()));
+        }
+        let inner = self.inner.clone();
+        let h = h.clone();
+        tokio::task::spawn_blocking(move || {
+            let pid1 = proc::pidfd_if_same(h.pid, h.start_time).map(|(fd, _)| fd);
+            inner.end_processes(&h.id, pid1)?;
+            inner.sync(&h.id)
+        })
+        .await
+        .map_err(join_error)?
+    }
+
+    /// Starts a sandbox that [`Runtime::stop`] stopped (or whose processes a host restart
+    /// ended) again: a new PID 1 in new namespaces and cgroups over the upper layer its state
+    /// directory kept, with `spec`'s layers and limits. Unlike a create, it does not write
+    /// `resolv_conf` into the tree (the sandbox owns its files now; its agent writes it). A
+    /// failure keeps the state directory. [`RuntimeError::NotFound`] when nothing was kept.
+    pub async fn resume_with_network(
+        &self,
+        spec: &SandboxSpec,
+        net: Option<NetworkAttach>,
+    ) -> Result<SandboxHandle, RuntimeError> {
+        check_spec(spec)?;
+        let inner = self.inner.clone();
+        let spec = spec.clone();
+        tokio::task::spawn_blocking(move || inner.resume(&spec, net.as_ref()))
+            .await
+            .map_err(join_error)?
+    }
+
+    /// Whether the sandbox has a state directory (a running or stopped sandbox's).
+    pub fn has_state(&self, id: &str) -> bool {
+        valid_id(id) && self.inner.dir(id).is_dir()
+    }
+
     /// After a restart: is the sandbox's PID 1 still the same live process? If so its uid range
     /// is marked as used.
     pub fn adopt(&self, h: &SandboxHandle) -> bool {
@@ -487,6 +546,8 @@ impl Inner {
         })
     }
 
+    /// A new sandbox's state directory: a fresh uid range, an empty upper layer, then
+    /// [`Inner::launch`].
     fn start(
         &self,
         spec: &SandboxSpec,
@@ -519,7 +580,68 @@ impl Inner {
         if let Some(net) = net {
             write_resolv_conf(&upper, &net.resolv_conf, root_uid, range_gid)?;
         }
+        self.launch(spec, dir, uid_base, net)
+    }
 
+    /// Starts a stopped sandbox again over the upper layer and uid range its state
+    /// directory kept. A failure ends what it started and keeps the directory.
+    fn resume(
+        &self,
+        spec: &SandboxSpec,
+        net: Option<&NetworkAttach>,
+    ) -> Result<SandboxHandle, RuntimeError> {
+        let dir = self.dir(&spec.id);
+        let meta = match fs::metadata(&dir) {
+            Ok(m) => m,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return Err(RuntimeError::NotFound(spec.id.clone()));
+            }
+            Err(e) => return Err(e).ctx(|| format!("stat {}", dir.display())),
+        };
+        let uid_base = meta.gid();
+        if !userns::mark_used(uid_base, &dir) {
+            return Err(RuntimeError::InvalidSpec(format!(
+                "the uid range of stopped sandbox {} is not its own",
+                spec.id
+            )));
+        }
+        if !dir.join(rootfs::UPPER).is_dir() {
+            return Err(RuntimeError::NotFound(spec.id.clone()));
+        }
+        // What the previous run left: overlayfs's work directory, which a `volatile` mount
+        // marks as unusable on purpose (the upper layer may have lost writes in a crash). The
+        // stop synced the layer before the processes' mount went away, so it is whole.
+        let work = dir.join(rootfs::WORK);
+        disk::remove_tree(&work).ctx(|| format!("remove {}", work.display()))?;
+        DirBuilder::new()
+            .mode(0o700)
+            .create(&work)
+            .ctx(|| "mkdir work")?;
+        // A socket nobody listens on, and the last boot's id (a boot gets a new one).
+        for stale in [AGENT_SOCKET, views::BOOT_ID] {
+            match fs::remove_file(dir.join(stale)) {
+                Err(e) if e.kind() != ErrorKind::NotFound => {
+                    return Err(e).ctx(|| format!("remove the old {stale}"));
+                }
+                _ => {}
+            }
+        }
+        self.launch(spec, &dir, uid_base, net).inspect_err(|_| {
+            if let Err(e) = self.end_processes(&spec.id, None) {
+                tracing::error!(sandbox = %spec.id, error = %e, "cleaning up a failed resume");
+            }
+        })
+    }
+
+    /// Builds the sandbox's tree over `dir`'s upper layer and starts its PID 1 (the agent)
+    /// in fresh namespaces and cgroups.
+    fn launch(
+        &self,
+        spec: &SandboxSpec,
+        dir: &Path,
+        uid_base: u32,
+        net: Option<&NetworkAttach>,
+    ) -> Result<SandboxHandle, RuntimeError> {
         let quota_dir = match &self.disk {
             Some(disk) if spec.limits.disk_mb > 0 => disk
                 .quota_dir(&spec.id)
@@ -600,17 +722,7 @@ impl Inner {
     /// directories and frees its uid range, in that order: the range is only reused once
     /// nothing can run with it. Idempotent: missing pieces are skipped.
     fn teardown(&self, id: &str, pid1: Option<OwnedFd>) -> Result<(), RuntimeError> {
-        self.cgroups.kill(id)?;
-        if let Some(fd) = pid1 {
-            proc::kill(fd.as_fd());
-            if !proc::wait_exit(fd.as_fd(), Some(EXIT_TIMEOUT)).ctx(|| "wait for sandbox init")? {
-                return Err(RuntimeError::Timeout(format!(
-                    "waiting for sandbox {id} to exit"
-                )));
-            }
-            proc::reap(&fd);
-        }
-        self.cgroups.remove(id)?;
+        self.end_processes(id, pid1)?;
         let dir = self.dir(id);
         let range = fs::metadata(&dir).ok().map(|m| m.gid());
         match &self.disk {
@@ -622,5 +734,37 @@ impl Inner {
             userns::release(range, &dir);
         }
         Ok(())
+    }
+
+    /// Writes the sandbox's files through to disk (`syncfs` of the filesystem its state
+    /// directory is on): its overlay is mounted `volatile`, so nothing else does before a
+    /// crash.
+    fn sync(&self, id: &str) -> Result<(), RuntimeError> {
+        let dir = self.dir(id);
+        let fd = rustix::fs::open(
+            &dir,
+            rustix::fs::OFlags::RDONLY
+                | rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .ctx(|| format!("open {}", dir.display()))?;
+        rustix::fs::syncfs(&fd).ctx(|| format!("syncfs {}", dir.display()))
+    }
+
+    /// Kills every process of the sandbox (waiting until they are gone) and removes its
+    /// cgroups; its state directory stays. Idempotent.
+    fn end_processes(&self, id: &str, pid1: Option<OwnedFd>) -> Result<(), RuntimeError> {
+        self.cgroups.kill(id)?;
+        if let Some(fd) = pid1 {
+            proc::kill(fd.as_fd());
+            if !proc::wait_exit(fd.as_fd(), Some(EXIT_TIMEOUT)).ctx(|| "wait for sandbox init")? {
+                return Err(RuntimeError::Timeout(format!(
+                    "waiting for sandbox {id} to exit"
+                )));
+            }
+            proc::reap(&fd);
+        }
+        self.cgroups.remove(id)
     }
 }

@@ -282,3 +282,60 @@ async fn sandbox_survives_its_creator_and_is_adopted() {
     assert!(env.leftover_dirs().is_empty());
     assert!(env.leftover_cgroups().is_empty());
 }
+
+/// Freeze stops every process without losing one; stop ends them but keeps the files and uid
+/// range; resume boots a new PID 1 over those files; destroy removes it all. A resume of an
+/// id with no kept state is `NotFound`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freeze_stop_and_resume_keep_the_sandbox() {
+    if !can_run() {
+        return;
+    }
+    let env = Env::new("pause");
+    let spec = env.spec(Limits::default());
+    let h = env.rt.create(&spec).await.expect("create");
+    sh(
+        &h,
+        "echo kept > /root/file; (while :; do date +%s%N > /tmp/tick; sleep 0.01; done) >/dev/null 2>&1 & echo ok",
+    );
+    env.rt.freeze(&h, true).await.expect("freeze");
+    let tick = |h: &SandboxHandle| {
+        std::fs::read_to_string(env.cfg.state_dir.join(&h.id).join("upper/tmp/tick"))
+            .unwrap_or_default()
+    };
+    let frozen_at = tick(&h);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(tick(&h), frozen_at, "a frozen sandbox ran");
+    env.rt.freeze(&h, false).await.expect("thaw");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_ne!(tick(&h), frozen_at, "a thawed sandbox did not run");
+    assert!(env.rt.adopt(&h), "same PID 1 after a freeze");
+
+    env.rt.stop(&h).await.expect("stop");
+    assert!(!pid_exists(h.pid), "PID 1 survived a stop");
+    for dir in env.rt.cgroup_dirs(&h.id) {
+        assert!(!dir.exists(), "cgroup {} left after a stop", dir.display());
+    }
+    assert!(
+        env.rt.has_state(&h.id),
+        "a stop removed the state directory"
+    );
+    env.rt.stop(&h).await.expect("second stop is a no-op");
+
+    let again = env
+        .rt
+        .resume_with_network(&spec, None)
+        .await
+        .expect("resume");
+    assert_ne!(again.pid, h.pid);
+    assert_eq!(again.uid_base, h.uid_base, "a resume keeps the uid range");
+    assert_eq!(sh(&again, "cat /root/file").trim(), "kept");
+    let ns = mnt_ns(again.pid);
+    env.rt.destroy(&again).await.expect("destroy");
+    assert_gone(&env, &again, ns);
+
+    match env.rt.resume_with_network(&spec, None).await {
+        Err(RuntimeError::NotFound(id)) => assert_eq!(id, spec.id),
+        other => panic!("resume of a destroyed sandbox: {other:?}"),
+    }
+}
