@@ -193,6 +193,9 @@ fn write_run_files(init: &InitRequest) -> std::io::Result<()> {
     std::fs::write(dir.join(".E2B_SANDBOX"), "true")?;
     std::fs::write(dir.join(".E2B_SANDBOX_ID"), &init.sandbox_id)?;
     std::fs::write(dir.join(".E2B_TEMPLATE_ID"), &init.template_id)?;
+    if let Some(resolv) = &init.resolv_conf {
+        std::fs::write("/etc/resolv.conf", resolv)?;
+    }
     name_host(std::path::Path::new("/etc"), &init.sandbox_id)
 }
 

@@ -43,7 +43,7 @@ impl From<CoreError> for ApiError {
             CoreError::Conflict(_) => StatusCode::CONFLICT,
             CoreError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             CoreError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
-            CoreError::Capacity(_) => StatusCode::SERVICE_UNAVAILABLE,
+            CoreError::Capacity(_) | CoreError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status.is_server_error() {

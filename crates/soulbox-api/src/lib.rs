@@ -8,12 +8,12 @@
 
 mod error;
 mod network;
+mod pause;
 pub mod query;
 pub mod templates;
 mod volumes;
 
 use std::future::Future;
-use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -25,11 +25,11 @@ use axum::routing::{get, post, put};
 use axum::serve::ListenerExt;
 use serde::de::DeserializeOwned;
 use soulbox_core::{
-    CLIENT_ID, CreateRequest, ENVD_VERSION, ListRequest, Manager, SandboxInfo,
-    validate_new_timeout, validate_timeout,
+    CLIENT_ID, CreateRequest, ENVD_VERSION, Lifecycle, ListRequest, Manager, PauseMode,
+    SandboxInfo, validate_new_timeout, validate_timeout,
 };
 use soulbox_wire::rest::{
-    ConnectSandboxV2, ListedSandbox, NewSandbox, Sandbox, SandboxDetail, SandboxState,
+    ListedSandbox, NewSandbox, Sandbox, SandboxDetail, SandboxLifecycle, SandboxState,
     TimeoutRequest,
 };
 use tokio::net::TcpListener;
@@ -52,8 +52,12 @@ pub fn router(manager: Manager) -> Router {
         .route("/sandboxes/{id}", get(get_sandbox).delete(kill))
         .route("/sandboxes/{id}/timeout", post(set_timeout))
         .route("/sandboxes/{id}/network", put(network::update))
-        .route("/sandboxes/{id}/connect", post(connect_v1))
-        .route("/v2/sandboxes/{id}/connect", post(connect_v2))
+        .route("/sandboxes/{id}/connect", post(pause::connect_v1))
+        .route("/v2/sandboxes/{id}/connect", post(pause::connect_v2))
+        .route("/sandboxes/{id}/pause", post(pause::pause))
+        .route("/sandboxes/{id}/resume", post(pause::resume))
+        .route("/sandboxes/{id}/refreshes", post(pause::refresh))
+        .route("/sandboxes/{id}/fork", post(pause::fork))
         .route(soulbox_wire::rest::POOLS_PATH, get(pools))
         .merge(templates::authenticated())
         .merge(volumes::authenticated())
@@ -142,7 +146,7 @@ async fn method_not_allowed() -> ApiError {
 }
 
 /// Parses a JSON body whatever its content type (the SDKs always send JSON).
-fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }
@@ -172,6 +176,7 @@ async fn create(
 ) -> Result<(StatusCode, axum::Json<Sandbox>), ApiError> {
     let timeout = validate_timeout(req.timeout.unwrap_or(default_timeout))?;
     let network = network::create_config(req.allow_internet_access, req.network.as_ref())?;
+    let lifecycle = lifecycle(&req)?;
     let info = m
         .create(CreateRequest {
             template: req.template_id,
@@ -180,10 +185,35 @@ async fn create(
             metadata: req.metadata.unwrap_or_default(),
             env_vars: req.env_vars.unwrap_or_default(),
             network,
+            lifecycle,
             volume_mounts: req.volume_mounts.unwrap_or_default(),
         })
         .await?;
     Ok((StatusCode::CREATED, axum::Json(sandbox_body(&m, info))))
+}
+
+/// `autoPause`, `autoPauseMemory`, `autoResume` of a create body.
+fn lifecycle(req: &NewSandbox) -> Result<Lifecycle, ApiError> {
+    let auto_pause = req.auto_pause.unwrap_or(false);
+    let auto_resume = req.auto_resume.is_some_and(|a| a.enabled);
+    let mode = PauseMode::from_memory(req.auto_pause_memory);
+    if auto_resume && !auto_pause {
+        return Err(ApiError::bad_request(
+            "autoResume needs autoPause: only a paused sandbox can be resumed",
+        ));
+    }
+    if auto_resume && mode == PauseMode::Filesystem {
+        return Err(ApiError::bad_request(
+            "autoResume cannot be combined with autoPauseMemory=false: a filesystem-only \
+             pause is resumed explicitly (connect)",
+        ));
+    }
+    Ok(Lifecycle {
+        auto_pause,
+        auto_pause_mode: mode,
+        auto_resume,
+        timeout_ms: 0,
+    })
 }
 
 async fn list_v1(
@@ -248,6 +278,17 @@ async fn get_sandbox(
         domain: m.domain().map(str::to_owned),
         allow_internet_access,
         network,
+        lifecycle: Some(SandboxLifecycle {
+            auto_resume: info.lifecycle.auto_resume,
+            on_timeout: if info.lifecycle.auto_pause {
+                "pause"
+            } else {
+                "kill"
+            }
+            .to_owned(),
+        }),
+        pause_mode: info.pause_mode.map(|p| p.as_str().to_owned()),
+        envd_unresponsive_at_pause: info.envd_unresponsive_at_pause.then_some(true),
         volume_mounts,
     }))
 }
@@ -269,36 +310,7 @@ async fn set_timeout(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn connect_v1(
-    State(m): State<Manager>,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> Result<axum::Json<Sandbox>, ApiError> {
-    let req: TimeoutRequest = parse_json(&body)?;
-    connect(m, &id, req.timeout).await
-}
-
-async fn connect_v2(
-    State(m): State<Manager>,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> Result<axum::Json<Sandbox>, ApiError> {
-    let req: ConnectSandboxV2 = if body.iter().all(u8::is_ascii_whitespace) {
-        ConnectSandboxV2::default()
-    } else {
-        parse_json(&body)?
-    };
-    connect(m, &id, req.timeout.unwrap_or(V2_DEFAULT_TIMEOUT_SECS)).await
-}
-
-/// Running sandbox: 200 with its `Sandbox` body (there is no paused state to resume yet).
-async fn connect(m: Manager, id: &str, timeout: i64) -> Result<axum::Json<Sandbox>, ApiError> {
-    let timeout: Duration = validate_timeout(timeout)?;
-    let info = m.connect(id, timeout).await?;
-    Ok(axum::Json(sandbox_body(&m, info)))
-}
-
-fn sandbox_body(m: &Manager, info: SandboxInfo) -> Sandbox {
+pub(crate) fn sandbox_body(m: &Manager, info: SandboxInfo) -> Sandbox {
     Sandbox {
         template_id: info.template_id,
         sandbox_id: info.id,
@@ -325,5 +337,6 @@ fn listed(info: SandboxInfo) -> ListedSandbox {
         state: info.state,
         envd_version: ENVD_VERSION.to_owned(),
         metadata: info.metadata,
+        envd_unresponsive_at_pause: info.envd_unresponsive_at_pause.then_some(true),
     }
 }

@@ -239,6 +239,34 @@ async fn malformed_bodies_are_400() {
         )
         .await;
     assert_error(&r, StatusCode::BAD_REQUEST);
+    // Pause, resume and keep-alive bodies are optional but must be well-formed when sent.
+    for (path, body) in [
+        ("pause", json!({"memory": "yes"})),
+        ("pause", json!({"requireHealthyGuest": 1})),
+        ("resume", json!({"timeout": "x"})),
+        ("resume", json!({"timeout": -1})),
+        ("refreshes", json!({"duration": 3601})),
+        ("refreshes", json!({"duration": -1})),
+    ] {
+        let r = s
+            .api(
+                Method::POST,
+                &format!("/sandboxes/{UNKNOWN}/{path}"),
+                Some(body),
+            )
+            .await;
+        assert_error(&r, StatusCode::BAD_REQUEST);
+    }
+    // autoResume without a pause on timeout, or with a filesystem-only one, cannot work.
+    for body in [
+        json!({"templateID": "base", "autoResume": {"enabled": true}}),
+        json!({"templateID": "base", "autoPause": true, "autoPauseMemory": false,
+               "autoResume": {"enabled": true}}),
+        json!({"templateID": "base", "autoResume": true}),
+    ] {
+        let r = s.api(Method::POST, "/v2/sandboxes", Some(body)).await;
+        assert_error(&r, StatusCode::BAD_REQUEST);
+    }
     // v1 connect requires its body; v2 connect does not (unknown id then answers 404).
     let r = s
         .api(Method::POST, &format!("/sandboxes/{UNKNOWN}/connect"), None)
@@ -331,6 +359,23 @@ async fn unknown_sandbox_is_404_everywhere() {
         ),
         (Method::GET, "/sandboxes/..%2f..%2fetc".to_owned(), None),
         (Method::GET, "/sandboxes/UPPER-case".to_owned(), None),
+        (Method::POST, format!("/sandboxes/{UNKNOWN}/pause"), None),
+        (
+            Method::POST,
+            format!("/sandboxes/{UNKNOWN}/pause"),
+            Some(json!({"memory": false})),
+        ),
+        (Method::POST, format!("/sandboxes/{UNKNOWN}/resume"), None),
+        (
+            Method::POST,
+            format!("/sandboxes/{UNKNOWN}/refreshes"),
+            Some(json!({"duration": 10})),
+        ),
+        (
+            Method::POST,
+            format!("/sandboxes/{UNKNOWN}/fork"),
+            Some(json!({"count": 2})),
+        ),
     ];
     for (method, path, body) in cases {
         let r = s.api(method, &path, body).await;
@@ -376,6 +421,8 @@ fn row(id: &str, started_ms: i64, meta: &[(&str, &str)]) -> SandboxRecord {
         disk_mb: 1024,
         handle: "{}".into(),
         state: SandboxState::Running,
+        lifecycle: "{}".into(),
+        pause: None,
     }
 }
 

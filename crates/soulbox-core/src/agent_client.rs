@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, StatusCode, header};
+use http::{Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
 use soulbox_wire::agent::{INIT_PATH, InitRequest};
@@ -38,12 +38,19 @@ pub enum AgentError {
 /// Sends `POST /_soulbox/init` and waits for a 2xx.
 pub async fn init(socket: &Path, req: &InitRequest, timeout: Duration) -> Result<(), AgentError> {
     let body = Bytes::from(serde_json::to_vec(req)?);
-    tokio::time::timeout(timeout, post(socket, INIT_PATH, body))
+    tokio::time::timeout(timeout, send(socket, Method::POST, INIT_PATH, body))
         .await
         .map_err(|_| AgentError::Timeout(timeout))?
 }
 
-async fn post(socket: &Path, path: &str, body: Bytes) -> Result<(), AgentError> {
+/// Whether the agent answers `GET /health` with a 2xx within `timeout`.
+pub async fn healthy(socket: &Path, timeout: Duration) -> bool {
+    tokio::time::timeout(timeout, send(socket, Method::GET, "/health", Bytes::new()))
+        .await
+        .is_ok_and(|r| r.is_ok())
+}
+
+async fn send(socket: &Path, method: Method, path: &str, body: Bytes) -> Result<(), AgentError> {
     let stream = UnixStream::connect(socket)
         .await
         .map_err(|source| AgentError::Connect {
@@ -56,7 +63,9 @@ async fn post(socket: &Path, path: &str, body: Bytes) -> Result<(), AgentError> 
             tracing::debug!(error = %e, "agent connection closed");
         }
     });
-    let request = Request::post(path)
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
         .header(header::HOST, "agent")
         .header(header::CONTENT_TYPE, "application/json")
         .body(Full::new(body))?;

@@ -15,6 +15,7 @@
 mod agent_client;
 mod ids;
 mod network;
+mod pause;
 mod pool;
 mod template_exec;
 mod templates;
@@ -34,6 +35,7 @@ use tokio::sync::watch;
 
 pub use agent_client::AgentError;
 pub use ids::{new_access_token, new_sandbox_id};
+pub use pause::{DEFAULT_RESUME_TIMEOUT, Lifecycle, PauseMode, Resumed};
 pub use pool::{DEMAND_WINDOW, HostReserve, PoolConfig, PoolSize};
 pub use soulbox_net::EgressConfig;
 pub use templates::{
@@ -74,6 +76,9 @@ pub enum CoreError {
     /// The host cannot take another sandbox right now (503: clients may retry).
     #[error("no capacity for another sandbox: {0}")]
     Capacity(String),
+    /// The sandbox cannot do this right now (503: clients may retry).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("runtime: {0}")]
     Runtime(#[from] RuntimeError),
     #[error("store: {0}")]
@@ -135,6 +140,8 @@ pub struct CreateRequest {
     pub env_vars: BTreeMap<String, String>,
     /// Egress policy (`allow_internet_access`, `network.allowOut`/`denyOut`).
     pub network: EgressConfig,
+    /// What happens on timeout and on traffic while paused.
+    pub lifecycle: Lifecycle,
     /// Volumes to mount (by name); a create with any never takes a warm pool member.
     pub volume_mounts: Vec<soulbox_wire::volumes::SandboxVolumeMount>,
 }
@@ -156,6 +163,11 @@ pub struct SandboxInfo {
     /// Its egress configuration (`None` when the server has no networking; not filled in
     /// by `list`).
     pub network: Option<EgressConfig>,
+    pub lifecycle: Lifecycle,
+    /// What its pause kept, while paused.
+    pub pause_mode: Option<PauseMode>,
+    /// Paused while its agent did not answer (E2B `envdUnresponsiveAtPause`).
+    pub envd_unresponsive_at_pause: bool,
 }
 
 /// A page of [`Manager::list`].
@@ -206,6 +218,7 @@ struct Inner {
     live: RwLock<HashMap<String, Live>>,
     templates: Option<templates::State>,
     pools: pool::Pools,
+    transitions: pause::Transitions,
     volumes: Option<volumes::Volumes>,
 }
 
@@ -243,10 +256,13 @@ impl Manager {
                 live: RwLock::new(HashMap::new()),
                 templates,
                 pools,
+                transitions: pause::Transitions::default(),
                 volumes,
             }),
         };
+        // Ids whose state directories stay, and those of them that keep a network lease.
         let mut keep = HashSet::new();
+        let mut keep_net = HashSet::new();
         for rec in manager.inner.store.all_sandboxes().await? {
             let handle: SandboxHandle = match serde_json::from_str(&rec.handle) {
                 Ok(h) => h,
@@ -257,9 +273,25 @@ impl Manager {
                     continue;
                 }
             };
+            if rec.state == SandboxState::Paused {
+                // Never dropped: its files are what the pause promised to keep.
+                keep.insert(rec.id.clone());
+                match manager.adopt_paused(&rec, &handle).await {
+                    Ok(true) => {
+                        keep_net.insert(rec.id.clone());
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::error!(id = %rec.id, error = %e, "adopting a paused sandbox");
+                        keep_net.insert(rec.id.clone());
+                    }
+                }
+                continue;
+            }
             if manager.inner.runtime.adopt(&handle) {
                 tracing::info!(id = %rec.id, pid = handle.pid, "re-adopted sandbox");
                 keep.insert(rec.id.clone());
+                keep_net.insert(rec.id.clone());
                 manager.track(&rec, handle)?;
             } else {
                 tracing::info!(id = %rec.id, "sandbox died while the server was down; reaping");
@@ -271,6 +303,7 @@ impl Manager {
                     Err(e) => {
                         tracing::error!(id = %rec.id, error = %e, "destroying dead sandbox failed; keeping its row for a retry");
                         keep.insert(rec.id.clone());
+                        keep_net.insert(rec.id.clone());
                     }
                 }
             }
@@ -283,7 +316,7 @@ impl Manager {
             Err(e) => tracing::error!(error = %e, "removing leftovers of unknown sandboxes"),
         }
         if let Some(net) = manager.network() {
-            let released = net.retain(&keep).await;
+            let released = net.retain(&keep_net).await;
             if released > 0 {
                 tracing::info!(
                     count = released,
@@ -418,6 +451,7 @@ impl Manager {
             env_vars: env.into_iter().collect(),
             default_user: Some(template.config.user.clone()),
             default_workdir: Some(template.config.workdir.clone()),
+            resolv_conf: None,
         }
     }
 
@@ -448,6 +482,12 @@ impl Manager {
             handle: serde_json::to_string(handle)
                 .map_err(|e| CoreError::Internal(format!("encoding handle: {e}")))?,
             state: SandboxState::Running,
+            lifecycle: serde_json::to_string(&Lifecycle {
+                timeout_ms: u64::try_from(req.timeout.as_millis()).unwrap_or(u64::MAX),
+                ..req.lifecycle
+            })
+            .map_err(|e| CoreError::Internal(format!("encoding lifecycle: {e}")))?,
+            pause: None,
         };
         inner.store.insert_sandbox(&rec).await?;
         if let Some(build) = &template.build_id
@@ -487,14 +527,19 @@ impl Manager {
     }
 
     pub async fn get(&self, id: &str) -> Result<SandboxInfo, CoreError> {
-        let mut info = self
+        let rec = self
             .inner
             .store
             .get_sandbox(id)
             .await?
-            .map(info_from)
             .ok_or_else(|| CoreError::NotFound(id.to_owned()))?;
-        info.network = self.network_config(id);
+        let egress = rec
+            .pause
+            .is_some()
+            .then(|| pause::Paused::parse(&rec).ok().and_then(|p| p.egress))
+            .flatten();
+        let mut info = info_from(rec);
+        info.network = self.network_config(id).or(egress);
         Ok(info)
     }
 
@@ -665,12 +710,12 @@ impl Manager {
     ) {
         let exited = self.inner.runtime.exited(&handle);
         tokio::pin!(exited);
-        let reason = loop {
+        let (reason, expired) = loop {
             let end_at = *end_rx.borrow_and_update();
             let left = (end_at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
             tokio::select! {
-                () = &mut exited => break "its PID 1 exited",
-                () = tokio::time::sleep(left) => break "it expired",
+                () = &mut exited => break ("its PID 1 exited", false),
+                () = tokio::time::sleep(left) => break ("it expired", true),
                 changed = end_rx.changed() => {
                     if changed.is_err() {
                         return; // killed by someone else
@@ -678,6 +723,18 @@ impl Manager {
                 }
             }
         };
+        if expired
+            && let Ok(Some(rec)) = self.inner.store.get_sandbox(&id).await
+            && rec.state == SandboxState::Running
+        {
+            let lifecycle = pause::parse_lifecycle(&rec);
+            if lifecycle.auto_pause {
+                // Its own task: the pause untracks the sandbox, which ends this watcher.
+                let this = self.clone();
+                tokio::spawn(async move { this.auto_pause(&id, lifecycle).await });
+                return;
+            }
+        }
         // Only the watcher of a sandbox that is still tracked reaps it.
         if self.untrack(&id).is_none() {
             return;
@@ -763,7 +820,15 @@ fn now_millis() -> DateTime<Utc> {
 }
 
 fn info_from(r: SandboxRecord) -> SandboxInfo {
+    let paused = r
+        .pause
+        .is_some()
+        .then(|| pause::Paused::parse(&r).ok())
+        .flatten();
     SandboxInfo {
+        lifecycle: pause::parse_lifecycle(&r),
+        pause_mode: paused.as_ref().map(|p| p.mode),
+        envd_unresponsive_at_pause: paused.is_some_and(|p| p.envd_unresponsive),
         id: r.id,
         template_id: r.template_id,
         alias: r.alias,
@@ -841,6 +906,8 @@ mod tests {
             disk_mb: 1,
             handle: String::new(),
             state: SandboxState::Running,
+            lifecycle: "{}".into(),
+            pause: None,
         };
         let cursor = decode_token(&encode_token(&rec)).expect("roundtrip");
         assert_eq!(cursor.id, "abc");

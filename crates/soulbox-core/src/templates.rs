@@ -564,6 +564,31 @@ impl Manager {
         Err(CoreError::TemplateNotFound(key.to_owned()))
     }
 
+    /// What an existing sandbox is made of: the build it was created on (kept while any
+    /// sandbox row names it), or its template as registered by path.
+    pub(crate) async fn resolve_sandbox_template(
+        &self,
+        rec: &soulbox_store::SandboxRecord,
+    ) -> Result<Resolved, CoreError> {
+        let store = &self.inner.store;
+        let Some(build_id) = store.sandbox_build(&rec.id).await? else {
+            return self.resolve_template(&rec.template_id).await;
+        };
+        let build = store
+            .get_build(&build_id)
+            .await?
+            .ok_or_else(|| CoreError::TemplateNotFound(rec.template_id.clone()))?;
+        let config = build_config(&build)?;
+        let layers = self.layer_paths(&config.layers)?;
+        Ok(Resolved {
+            name: rec.template_id.clone(),
+            alias: rec.alias.clone(),
+            build_id: Some(build_id),
+            layers,
+            config,
+        })
+    }
+
     fn layer_paths(&self, layers: &[String]) -> Result<Vec<PathBuf>, CoreError> {
         layers
             .iter()
@@ -1098,6 +1123,7 @@ impl Manager {
                 env_vars: config.env.clone().into_iter().collect(),
                 default_user: Some(config.user.clone()),
                 default_workdir: Some(config.workdir.clone()),
+                resolv_conf: None,
             };
             agent_client::init(&handle.socket_path, &init, self.inner.cfg.agent_timeout)
                 .await
@@ -1469,6 +1495,7 @@ impl Manager {
                 env_vars: HashMap::new(),
                 default_user: Some("root".into()),
                 default_workdir: Some("/".into()),
+                resolv_conf: None,
             };
             agent_client::init(&handle.socket_path, &init, self.inner.cfg.agent_timeout)
                 .await
@@ -1498,7 +1525,12 @@ impl Manager {
                     )));
                 }
             }
-            stop_sandbox(&handle, runtime).await.map_err(fail)?;
+            // Its processes end and its files are synced; the upper directory is then
+            // quiescent.
+            runtime
+                .stop(&handle)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
             let upper = handle
                 .socket_path
                 .parent()
@@ -1901,27 +1933,6 @@ fn build_config(b: &BuildRecord) -> Result<BuildConfig, CoreError> {
         .ok_or_else(|| CoreError::Internal(format!("build {} has no config", b.id)))?;
     serde_json::from_str(text)
         .map_err(|e| CoreError::Internal(format!("build {} config: {e}", b.id)))
-}
-
-/// Kills the sandbox's PID 1 (so the kernel kills everything in it) and waits until it is
-/// gone, keeping its state directory: the upper directory is then quiescent.
-async fn stop_sandbox(h: &SandboxHandle, runtime: &soulbox_runtime::Runtime) -> Result<(), String> {
-    let pid = rustix::process::Pid::from_raw(h.pid).ok_or("bad pid")?;
-    let fd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
-        .map_err(|e| format!("pidfd_open: {e}"))?;
-    // The pidfd pins the process: check it is still the sandbox's PID 1, then signal it.
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", h.pid)).unwrap_or_default();
-    let start_time = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().nth(19))
-        .and_then(|s| s.parse::<u64>().ok());
-    if start_time == Some(h.start_time) {
-        rustix::process::pidfd_send_signal(&fd, rustix::process::Signal::KILL)
-            .map_err(|e| format!("killing the build sandbox: {e}"))?;
-    }
-    tokio::time::timeout(Duration::from_secs(30), runtime.exited(h))
-        .await
-        .map_err(|_| "the build sandbox did not exit".to_owned())
 }
 
 #[cfg(test)]

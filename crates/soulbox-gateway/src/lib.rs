@@ -340,7 +340,10 @@ impl Inner {
         if target.port == ENVD_PORT && routing::is_internal(req.uri().path()) {
             return envd_error(StatusCode::NOT_FOUND, "not found");
         }
-        let Some(route) = self.live_route(&target.sandbox_id) else {
+        let Some(route) = self
+            .live_route(&target.sandbox_id, target.port, req.headers())
+            .await
+        else {
             return reply::not_found(&target.sandbox_id);
         };
         if target.port == ENVD_PORT {
@@ -379,14 +382,27 @@ impl Inner {
         }
     }
 
-    /// The route of a live sandbox.
-    ///
-    /// This is where traffic would wake a paused sandbox: E2B resumes a sandbox paused with
-    /// `autoResume` enabled when a request arrives for it. SoulBox cannot pause sandboxes yet,
-    /// so a sandbox without a live route does not exist and the caller answers "was not
-    /// found"; once pause exists, a paused sandbox with auto-resume is resumed here and the
-    /// request continues on its new route.
-    fn live_route(&self, id: &str) -> Option<Arc<Route>> {
-        self.manager.route(id)
+    /// The route of a live sandbox, resuming it first when it is paused with `autoResume`
+    /// (E2B: traffic to such a sandbox wakes it; the request then goes on to it as if it had
+    /// never slept). Traffic to envd wakes it only with the sandbox's access token (what the
+    /// request needs anyway); traffic to its ports, which may be public, wakes it as it is.
+    async fn live_route(
+        &self,
+        id: &str,
+        port: u16,
+        headers: &http::HeaderMap,
+    ) -> Option<Arc<Route>> {
+        if let Some(route) = self.manager.route(id) {
+            return Some(route);
+        }
+        let given = headers.get("x-access-token").map(|v| v.as_bytes());
+        let may_wake = |token: Option<&str>| match (port == ENVD_PORT, token) {
+            (true, Some(token)) => given.is_some_and(|g| auth::ct_eq(g, token.as_bytes())),
+            _ => true,
+        };
+        if self.manager.resume_on_traffic(id, may_wake).await {
+            return self.manager.route(id);
+        }
+        None
     }
 }

@@ -74,6 +74,10 @@ pub struct SandboxRecord {
     /// The runtime's `SandboxHandle`, serialised by the manager (opaque here).
     pub handle: String,
     pub state: SandboxState,
+    /// What the create asked for on timeout and traffic, serialised by the manager (opaque).
+    pub lifecycle: String,
+    /// What the latest pause kept, serialised by the manager (opaque); `None` while running.
+    pub pause: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -125,6 +129,8 @@ struct SandboxRow {
     disk_mb: i64,
     handle: String,
     state: String,
+    lifecycle: String,
+    pause: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -140,7 +146,7 @@ struct TemplateRow {
 }
 
 const SANDBOX_COLUMNS: &str = "id, template_id, alias, metadata, env_vars, access_token, \
-     started_at, end_at, cpu_count, memory_mb, disk_mb, handle, state";
+     started_at, end_at, cpu_count, memory_mb, disk_mb, handle, state, lifecycle, pause";
 
 impl Store {
     /// Opens (creating if needed, mode 0600) the database at `path` and applies migrations.
@@ -232,8 +238,8 @@ impl Store {
     pub async fn insert_sandbox(&self, s: &SandboxRecord) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO sandboxes (id, template_id, alias, metadata, env_vars, access_token, \
-             started_at, end_at, cpu_count, memory_mb, disk_mb, handle, state) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             started_at, end_at, cpu_count, memory_mb, disk_mb, handle, state, lifecycle, pause) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&s.id)
         .bind(&s.template_id)
@@ -248,6 +254,8 @@ impl Store {
         .bind(to_i64(s.disk_mb)?)
         .bind(&s.handle)
         .bind(s.state.as_str())
+        .bind(&s.lifecycle)
+        .bind(&s.pause)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -285,6 +293,50 @@ impl Store {
             .bind(id)
             .execute(&self.pool)
             .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Marks a running sandbox paused with what its pause kept; `false` when there is no
+    /// running sandbox `id` (unknown, or paused already).
+    pub async fn set_paused(&self, id: &str, pause: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE sandboxes SET state = 'paused', pause = ? WHERE id = ? AND state = 'running'",
+        )
+        .bind(pause)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Rewrites what a paused sandbox's pause kept (e.g. once its memory is known lost);
+    /// `false` when there is no paused sandbox `id`.
+    pub async fn update_pause(&self, id: &str, pause: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query("UPDATE sandboxes SET pause = ? WHERE id = ? AND state = 'paused'")
+            .bind(pause)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Marks a paused sandbox running again with its new handle and expiry; `false` when there
+    /// is no paused sandbox `id`.
+    pub async fn set_resumed(
+        &self,
+        id: &str,
+        handle: &str,
+        end_at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE sandboxes SET state = 'running', pause = NULL, handle = ?, end_at = ? \
+             WHERE id = ? AND state = 'paused'",
+        )
+        .bind(handle)
+        .bind(end_at.timestamp_millis())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -393,6 +445,8 @@ impl TryFrom<SandboxRow> for SandboxRecord {
             alias: r.alias,
             access_token: r.access_token,
             handle: r.handle,
+            lifecycle: r.lifecycle,
+            pause: r.pause,
         })
     }
 }

@@ -405,6 +405,16 @@ impl Store {
         Ok(())
     }
 
+    /// The build a sandbox runs on (`None` for sandboxes of templates registered by path).
+    pub async fn sandbox_build(&self, sandbox_id: &str) -> Result<Option<String>, StoreError> {
+        let row: Option<(String,)> =
+            sqlx::query_as("SELECT build_id FROM sandbox_builds WHERE sandbox_id = ?")
+                .bind(sandbox_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|(b,)| b))
+    }
+
     /// Builds that existing sandboxes run on; forgets rows of sandboxes that are gone.
     pub async fn builds_in_use(&self) -> Result<Vec<String>, StoreError> {
         sqlx::query(

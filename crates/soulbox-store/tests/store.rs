@@ -40,6 +40,8 @@ fn sandbox(id: &str, started_ms: i64, meta: &[(&str, &str)]) -> SandboxRecord {
         disk_mb: 1024,
         handle: r#"{"pid":1}"#.to_owned(),
         state: SandboxState::Running,
+        lifecycle: "{}".into(),
+        pause: None,
     }
 }
 
@@ -229,4 +231,50 @@ async fn cursor_pages_through_equal_start_times_without_gaps() {
         }
         assert_eq!(seen, expected, "{order:?}");
     }
+}
+
+/// Pause and resume are compare-and-set on the state: a second pause or resume changes
+/// nothing, and what the pause kept goes away on resume.
+#[tokio::test]
+async fn pause_and_resume_are_state_transitions() {
+    let (_dir, store) = open().await;
+    let mut rec = sandbox("p1", 1_000, &[]);
+    rec.lifecycle = r#"{"autoPause":true}"#.to_owned();
+    store.insert_sandbox(&rec).await.expect("insert");
+    assert!(!store.update_pause("p1", "{}").await.expect("update"));
+    assert!(
+        store
+            .set_paused("p1", r#"{"mode":"full"}"#)
+            .await
+            .expect("pause")
+    );
+    assert!(!store.set_paused("p1", "{}").await.expect("pause twice"));
+    assert!(!store.set_paused("nope", "{}").await.expect("pause unknown"));
+    let paused = store.get_sandbox("p1").await.expect("get").expect("row");
+    assert_eq!(paused.state, SandboxState::Paused);
+    assert_eq!(paused.pause.as_deref(), Some(r#"{"mode":"full"}"#));
+    assert_eq!(paused.lifecycle, r#"{"autoPause":true}"#);
+    assert!(
+        store
+            .update_pause("p1", r#"{"mode":"filesystem"}"#)
+            .await
+            .expect("update")
+    );
+    assert!(
+        store
+            .set_resumed("p1", r#"{"pid":2}"#, at(9_000))
+            .await
+            .expect("resume")
+    );
+    assert!(
+        !store
+            .set_resumed("p1", "{}", at(1))
+            .await
+            .expect("resume twice")
+    );
+    let running = store.get_sandbox("p1").await.expect("get").expect("row");
+    assert_eq!(running.state, SandboxState::Running);
+    assert_eq!(running.pause, None);
+    assert_eq!(running.handle, r#"{"pid":2}"#);
+    assert_eq!(running.end_at, at(9_000));
 }

@@ -26,6 +26,10 @@ pub struct InitRequest {
     /// default is the user's home.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_workdir: Option<String>,
+    /// Written to `/etc/resolv.conf` when present: a resumed sandbox may get another network
+    /// slot (and resolver address), and the host never writes into a tree the sandbox owns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolv_conf: Option<String>,
 }
 
 #[cfg(test)]

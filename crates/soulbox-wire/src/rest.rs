@@ -19,8 +19,14 @@ pub struct NewSandbox {
     /// validation (and gets the E2B message) instead of failing deserialisation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<i64>,
+    /// On timeout: pause (true) instead of kill.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_pause: Option<bool>,
+    /// What that pause keeps: memory too (true, the default) or only files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_pause_memory: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_resume: Option<AutoResume>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secure: Option<bool>,
     #[serde(
@@ -38,6 +44,53 @@ pub struct NewSandbox {
     /// Volumes mounted into the sandbox (by name; `crate::volumes`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_mounts: Option<Vec<crate::volumes::SandboxVolumeMount>>,
+}
+
+/// `autoResume` of a create body: traffic to the sandbox while paused resumes it.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AutoResume {
+    #[serde(default)]
+    pub enabled: bool,
+}
+
+/// `POST /sandboxes/{id}/pause` (`SandboxPauseRequest`); an empty body is all defaults.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PauseRequest {
+    /// Keep memory too (`mode: "full"`, the default) or only files (`"filesystem"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<bool>,
+    /// Refuse (503) when the agent does not answer (`strict=True` in the SDKs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub require_healthy_guest: Option<bool>,
+}
+
+/// `POST /sandboxes/{id}/resume` (`ResumedSandbox`, legacy).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ResumeRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_pause: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<bool>,
+}
+
+/// `POST /sandboxes/{id}/refreshes`: keep-alive for `duration` seconds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RefreshRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<i64>,
+}
+
+/// `lifecycle` of `SandboxDetail`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxLifecycle {
+    pub auto_resume: bool,
+    /// `kill` or `pause`.
+    pub on_timeout: String,
 }
 
 /// `network` of a create body and of `SandboxDetail` (`SandboxNetworkConfig`). Only the egress
@@ -160,6 +213,13 @@ pub struct SandboxDetail {
     pub allow_internet_access: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<SandboxNetworkConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifecycle: Option<SandboxLifecycle>,
+    /// What the latest pause saved (`full` or `filesystem`), while paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_mode: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envd_unresponsive_at_pause: Option<bool>,
     /// The volumes it mounts (by name; `crate::volumes`).
     #[serde(default)]
     pub volume_mounts: Vec<crate::volumes::SandboxVolumeMount>,
@@ -188,6 +248,8 @@ pub struct ListedSandbox {
     pub envd_version: String,
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envd_unresponsive_at_pause: Option<bool>,
 }
 
 /// `POST /sandboxes/{id}/timeout` and v1 `POST /sandboxes/{id}/connect`: seconds from now.
@@ -336,8 +398,18 @@ mod tests {
                 ..SandboxNetworkConfig::default()
             }),
             volume_mounts: Vec::new(),
+            lifecycle: Some(SandboxLifecycle {
+                auto_resume: false,
+                on_timeout: "pause".into(),
+            }),
+            pause_mode: Some("full".into()),
+            envd_unresponsive_at_pause: None,
         };
         let v = serde_json::to_value(&d).expect("serialise");
+        assert_eq!(v["lifecycle"]["onTimeout"], "pause");
+        assert_eq!(v["lifecycle"]["autoResume"], false);
+        assert_eq!(v["pauseMode"], "full");
+        assert!(v.get("envdUnresponsiveAtPause").is_none());
         assert_eq!(v["memoryMB"], 512);
         assert_eq!(v["diskSizeMB"], 1024);
         assert_eq!(v["state"], "running");
