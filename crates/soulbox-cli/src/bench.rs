@@ -10,6 +10,7 @@
 
 mod host;
 mod peers;
+mod persistence;
 mod stats;
 
 use std::path::{Path, PathBuf};
@@ -87,6 +88,7 @@ struct Plan {
     peer_runs: usize,
     rtt_runs: usize,
     api_calls: usize,
+    pause_runs: usize,
 }
 
 impl Plan {
@@ -107,6 +109,7 @@ impl Plan {
             peer_runs: a.peer_runs.unwrap_or(peer_runs),
             rtt_runs,
             api_calls,
+            pause_runs: if a.short { 10 } else { 100 },
         }
     }
 }
@@ -318,6 +321,9 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
 
     eprintln!("bench: command and file round trips");
     rtts(&target, plan.rtt_runs, &mut report).await?;
+
+    eprintln!("bench: {} pause/resume cycles per kind", plan.pause_runs);
+    persistence::pause_resume(&target, plan.pause_runs, &mut report).await;
 
     eprintln!("bench: idle density at {:?}", plan.idle);
     density(
@@ -886,6 +892,26 @@ impl Report {
             ("file_write_1k", "file write 1 KiB"),
             ("file_read_1k", "file read 1 KiB"),
             ("proc_meminfo_read", "read /proc/meminfo (in the sandbox)"),
+            ("pause_full_small", "pause full (small)"),
+            (
+                "resume_full_to_first_command_small",
+                "  resume → first command",
+            ),
+            ("pause_filesystem_small", "pause filesystem (small)"),
+            (
+                "resume_filesystem_to_first_command_small",
+                "  resume (boot) → first command",
+            ),
+            ("pause_full_large", "pause full (384 MiB held)"),
+            (
+                "resume_full_to_first_command_large",
+                "  resume → first command",
+            ),
+            ("pause_filesystem_large", "pause filesystem (384 MiB held)"),
+            (
+                "resume_filesystem_to_first_command_large",
+                "  resume (boot) → first command",
+            ),
         ];
         for (key, label) in rows {
             let s = |field: &str| self.num(&["latency", key, "summary_ms", field]);

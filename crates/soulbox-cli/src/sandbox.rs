@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context, bail};
 use soulbox_client::rest::{ListFilter, RestClient};
-use soulbox_wire::rest::{NewSandbox, SandboxState};
+use soulbox_wire::rest::{AutoResume, NewSandbox, SandboxState};
 
 #[derive(clap::Args)]
 pub struct SandboxArgs {
@@ -34,10 +34,29 @@ pub enum SandboxCommand {
         /// Sandbox ID.
         id: String,
     },
-    /// Kill a sandbox.
+    /// Kill a sandbox (running or paused; a paused one's kept state goes too).
     Kill {
         /// Sandbox ID.
         id: String,
+    },
+    /// Pause a sandbox: `full` freezes its processes with their memory, `filesystem` ends
+    /// them and keeps only its files (docs/persistence.md).
+    Pause {
+        /// Sandbox ID.
+        id: String,
+        #[arg(long, value_enum, default_value = "full")]
+        mode: PauseModeArg,
+    },
+    /// Resume a paused sandbox (or extend a running one's timeout) and print its ID.
+    Resume {
+        /// Sandbox ID.
+        id: String,
+        /// Seconds until it expires again.
+        #[arg(long)]
+        timeout: Option<i64>,
+        /// Boot it again from its files even if its memory was kept.
+        #[arg(long)]
+        reboot: bool,
     },
     /// Run a command in a sandbox, streaming its output.
     Exec(crate::sandbox_exec::ExecArgs),
@@ -47,6 +66,12 @@ pub enum SandboxCommand {
     /// `https://<port>-<id>.<domain>` in domain mode, else the gateway's URL (and, on stderr,
     /// the routing headers to send with it).
     Url(UrlArgs),
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum PauseModeArg {
+    Full,
+    Filesystem,
 }
 
 #[derive(clap::Args)]
@@ -75,9 +100,22 @@ pub struct CreateArgs {
     /// Environment variable `KEY=VALUE` for every process in the sandbox (repeatable).
     #[arg(long = "env", short, value_parser = key_value)]
     pub env: Vec<(String, String)>,
+    /// What a timeout does: kill the sandbox, or pause it (full) so that `resume` brings
+    /// it back.
+    #[arg(long, value_enum, default_value = "kill")]
+    pub on_timeout: OnTimeoutArg,
+    /// Traffic to the paused sandbox resumes it (needs `--on-timeout pause`).
+    #[arg(long)]
+    pub auto_resume: bool,
     /// Print the whole create response as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnTimeoutArg {
+    Kill,
+    Pause,
 }
 
 #[derive(clap::Args)]
@@ -100,6 +138,34 @@ pub fn run(args: SandboxArgs) -> anyhow::Result<()> {
         SandboxCommand::List(a) => rest(api, |c| async move { list(&c, a).await }),
         SandboxCommand::Info { id } => rest(api, |c| async move { info(&c, &id).await }),
         SandboxCommand::Kill { id } => rest(api, |c| async move { kill(&c, &id).await }),
+        SandboxCommand::Pause { id, mode } => rest(api, |c| async move {
+            let memory = matches!(mode, PauseModeArg::Filesystem).then_some(false);
+            let paused = c
+                .pause(&id, memory)
+                .await
+                .with_context(|| format!("pausing {id}"))?;
+            println!(
+                "{}",
+                if paused {
+                    format!("paused {id}")
+                } else {
+                    format!("{id} was paused already")
+                }
+            );
+            Ok(())
+        }),
+        SandboxCommand::Resume {
+            id,
+            timeout,
+            reboot,
+        } => rest(api, |c| async move {
+            let sandbox = c
+                .connect(&id, timeout, reboot.then_some(false))
+                .await
+                .with_context(|| format!("resuming {id}"))?;
+            println!("{}", sandbox.sandbox_id);
+            Ok(())
+        }),
         SandboxCommand::Exec(a) => crate::sandbox_exec::exec(a, api),
         SandboxCommand::Shell(a) => crate::sandbox_exec::shell(a, api),
         SandboxCommand::Url(a) => rest(api, |c| async move { url(&c, a).await }),
@@ -124,6 +190,8 @@ async fn create(client: &RestClient, a: CreateArgs) -> anyhow::Result<()> {
             timeout: Some(a.timeout),
             metadata: Some(a.metadata.into_iter().collect()),
             env_vars: Some(a.env.into_iter().collect()),
+            auto_pause: Some(a.on_timeout == OnTimeoutArg::Pause),
+            auto_resume: a.auto_resume.then_some(AutoResume { enabled: true }),
             ..NewSandbox::default()
         })
         .await

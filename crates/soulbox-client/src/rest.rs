@@ -13,7 +13,8 @@ use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use soulbox_wire::rest::{
-    ApiError, ListedSandbox, NewSandbox, Sandbox, SandboxDetail, SandboxState, TimeoutRequest,
+    ApiError, ConnectSandboxV2, ListedSandbox, NewSandbox, PauseRequest, Sandbox, SandboxDetail,
+    SandboxState, TimeoutRequest,
 };
 
 /// Largest response body accepted from the server.
@@ -147,6 +148,43 @@ impl RestClient {
         )
         .await
         .map(drop)
+    }
+
+    /// `POST /sandboxes/{id}/pause`: `memory: Some(false)` keeps files only. `Ok(false)` when
+    /// it was paused already (409).
+    pub async fn pause(&self, id: &str, memory: Option<bool>) -> Result<bool, RestError> {
+        let body = serde_json::to_vec(&PauseRequest {
+            memory,
+            require_healthy_guest: None,
+        })?;
+        match self
+            .send(
+                Method::POST,
+                &format!("/sandboxes/{}/pause", segment(id)),
+                Some(body),
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.status() == Some(StatusCode::CONFLICT) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `POST /v2/sandboxes/{id}/connect`: resumes a paused sandbox (`memory: Some(false)`
+    /// boots it again from its files), or extends a running one's timeout.
+    pub async fn connect(
+        &self,
+        id: &str,
+        timeout: Option<i64>,
+        memory: Option<bool>,
+    ) -> Result<Sandbox, RestError> {
+        self.json(
+            Method::POST,
+            &format!("/v2/sandboxes/{}/connect", segment(id)),
+            Some(&ConnectSandboxV2 { timeout, memory }),
+        )
+        .await
     }
 
     /// A JSON call to any control-plane route (those without a typed method here, such as
