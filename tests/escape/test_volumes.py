@@ -37,13 +37,32 @@ def volumes(env):
             pass
 
 
+@pytest.fixture
+def mounted(sandboxes):
+    """Sandboxes with volumes, killed after the test even when it fails (so that the module's
+    volumes can be deleted: a mounted volume cannot)."""
+    made = []
+
+    def make(**kw):
+        sbx = sandboxes.make(**kw)
+        made.append(sbx)
+        return sbx
+
+    yield make
+    for sbx in made:
+        try:
+            sandboxes.kill(sbx)
+        except Exception:
+            pass
+
+
 def host_volume_dir(env, vol) -> Path:
     return env.data_dir / "sandboxes" / "volumes" / vol.volume_id
 
 
-def test_content_api_never_follows_planted_symlinks(env, plants, sandboxes, volumes):
+def test_content_api_never_follows_planted_symlinks(env, plants, mounted, volumes):
     own, other, tag = volumes
-    sbx = sandboxes.make(volume_mounts={"/data": own})
+    sbx = mounted(volume_mounts={"/data": own})
     other_dir = host_volume_dir(env, other)
     assert (other_dir / "secret.txt").exists(), "the other volume is not where the test expects it"
     links = {
@@ -119,12 +138,11 @@ def test_content_api_never_follows_planted_symlinks(env, plants, sandboxes, volu
     # `..` never reaches the file system either.
     refused("read ../<other>/secret.txt", lambda: own.read_file(f"../{other.volume_id}/secret.txt"))
     record("volume content API through symlinks planted by the sandbox", "root", problems, "; ".join(seen))
-    sandboxes.kill(sbx)
 
 
-def test_unmounted_volume_is_out_of_reach(env, sandboxes, volumes, attacker):
+def test_unmounted_volume_is_out_of_reach(env, mounted, volumes, attacker):
     own, other, tag = volumes
-    sbx = sandboxes.make(volume_mounts={"/data": own})
+    sbx = mounted(volume_mounts={"/data": own})
     problems, seen = [], []
     for who, box in (("root (mounts another volume)", sbx), ("root (no volume)", attacker)):
         r = run(
@@ -144,12 +162,11 @@ def test_unmounted_volume_is_out_of_reach(env, sandboxes, volumes, attacker):
             problems.append(f"{who}: read the other volume's secret")
         seen.append(f"{who}: not in mountinfo, not found")
     record("reach a volume the sandbox did not mount", "root", problems, "; ".join(seen))
-    sandboxes.kill(sbx)
 
 
-def test_volume_gives_no_setuid_and_no_way_around_its_limit(env, sandboxes, volumes):
+def test_volume_gives_no_setuid_and_no_way_around_its_limit(env, mounted, volumes):
     own, _, _ = volumes
-    sbx = sandboxes.make(volume_mounts={"/data": own})
+    sbx = mounted(volume_mounts={"/data": own})
     problems, seen = [], []
     r = run(sbx, "cp /usr/bin/id /data/suid-id && chmod 4755 /data/suid-id && "
                  "mknod /data/null c 1 3 2>&1; ls -l /data/suid-id", "root")
@@ -181,4 +198,3 @@ def test_volume_gives_no_setuid_and_no_way_around_its_limit(env, sandboxes, volu
         problems.append("made a btrfs subvolume inside the volume")
     seen.append(f"btrfs subvolume/snapshot ioctls: errno {got}")
     record("setuid, device nodes and subvolumes in a volume", "root", problems, "; ".join(seen))
-    sandboxes.kill(sbx)
