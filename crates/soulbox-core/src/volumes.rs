@@ -282,8 +282,6 @@ impl Manager {
     }
 
     /// The runtime mounts sandbox `id` was created with (a resume mounts them again).
-    // Used by resume (`pause.rs`), which lands separately.
-    #[allow(dead_code)]
     pub(crate) async fn recorded_volume_mounts(
         &self,
         id: &str,
