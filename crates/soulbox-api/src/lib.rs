@@ -58,6 +58,8 @@ pub fn router(manager: Manager) -> Router {
         .route("/sandboxes/{id}/resume", post(pause::resume))
         .route("/sandboxes/{id}/refreshes", post(pause::refresh))
         .route("/sandboxes/{id}/fork", post(pause::fork))
+        .route("/sandboxes/{id}/snapshots", post(pause::create_snapshot))
+        .route("/snapshots", get(pause::list_snapshots))
         .route(soulbox_wire::rest::POOLS_PATH, get(pools))
         .merge(templates::authenticated())
         .merge(volumes::authenticated())

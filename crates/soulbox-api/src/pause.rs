@@ -1,15 +1,19 @@
-//! Pause, resume and keep-alive: `POST /sandboxes/{id}/pause`, `/resume` (legacy),
-//! `/connect` (v1 and v2), `/refreshes`. Semantics live in `soulbox_core::pause`.
+//! Pause, resume, keep-alive and snapshots: `POST /sandboxes/{id}/pause`, `/resume`
+//! (legacy), `/connect` (v1 and v2), `/refreshes`, `/snapshots`, `/fork`; `GET /snapshots`.
+//! Semantics live in `soulbox_core::pause` and `soulbox_core::snapshots`.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use soulbox_core::{Manager, PauseMode, Resumed, validate_timeout};
 use soulbox_wire::rest::{
-    ConnectSandboxV2, PauseRequest, RefreshRequest, ResumeRequest, Sandbox, TimeoutRequest,
+    ConnectSandboxV2, PauseRequest, RefreshRequest, ResumeRequest, Sandbox, SnapshotInfo,
+    SnapshotRequest, TimeoutRequest,
 };
 
 use crate::{ApiError, V2_DEFAULT_TIMEOUT_SECS, parse_json, sandbox_body};
@@ -137,4 +141,74 @@ pub(crate) async fn fork(
         "fork copies a sandbox's memory, which needs memory checkpoints this server cannot \
          take yet (docs/persistence.md); pause(mode=\"filesystem\") or a template keep files",
     ))
+}
+
+/// `POST /sandboxes/{id}/snapshots`: 201 with the snapshot (a template of its files).
+pub(crate) async fn create_snapshot(
+    State(m): State<Manager>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, axum::Json<SnapshotInfo>), ApiError> {
+    let req: SnapshotRequest = optional_json(&body)?;
+    let snap = m.create_snapshot(&id, req.name).await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(SnapshotInfo {
+            snapshot_id: snap.snapshot_id,
+            names: snap.names,
+        }),
+    ))
+}
+
+/// Page size of `GET /snapshots` when the query names none, and the largest accepted.
+const SNAPSHOT_PAGE: u32 = 100;
+const MAX_SNAPSHOT_PAGE: u32 = 1000;
+
+/// `GET /snapshots?sandboxID=&name=&limit=&nextToken=`: newest first; `x-next-token` when
+/// more follow (the token is opaque to clients: the offset of the next page).
+pub(crate) async fn list_snapshots(
+    State(m): State<Manager>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let limit = match q.get("limit") {
+        Some(l) => l
+            .parse::<u32>()
+            .ok()
+            .filter(|l| (1..=MAX_SNAPSHOT_PAGE).contains(l))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("limit must be 1..{MAX_SNAPSHOT_PAGE}"))
+            })?,
+        None => SNAPSHOT_PAGE,
+    };
+    let offset = match q.get("nextToken") {
+        Some(t) => t
+            .parse::<u32>()
+            .map_err(|_| ApiError::bad_request(format!("invalid next token '{t}'")))?,
+        None => 0,
+    };
+    let mut page = m
+        .list_snapshots(
+            q.get("sandboxID").map(String::as_str),
+            q.get("name").map(String::as_str),
+            offset,
+            limit.saturating_add(1),
+        )
+        .await?;
+    let more = page.len() > limit as usize;
+    page.truncate(limit as usize);
+    let body: Vec<SnapshotInfo> = page
+        .into_iter()
+        .map(|s| SnapshotInfo {
+            snapshot_id: s.snapshot_id,
+            names: s.names,
+        })
+        .collect();
+    let mut response = axum::Json(body).into_response();
+    if more {
+        let token = (offset + limit).to_string();
+        if let Ok(v) = HeaderValue::from_str(&token) {
+            response.headers_mut().insert("x-next-token", v);
+        }
+    }
+    Ok(response)
 }

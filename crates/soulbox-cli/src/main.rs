@@ -8,6 +8,7 @@ mod interpreter;
 mod sandbox;
 mod sandbox_exec;
 mod serve;
+mod snapshot;
 mod template;
 mod volume;
 
@@ -38,6 +39,8 @@ enum Command {
     Template(template::TemplateArgs),
     /// Manage volumes and their files on a running server.
     Volume(volume::VolumeArgs),
+    /// List and delete snapshots on a running server.
+    Snapshot(snapshot::SnapshotArgs),
     /// Measure a running server: latency, idle density, and peers side by side.
     Bench(bench::BenchArgs),
     /// Take a stopped server's sandboxes, network objects and disk mount off the host.
@@ -81,6 +84,7 @@ fn main() -> std::process::ExitCode {
         Command::Interpreter(args) => interpreter::run(args),
         Command::Template(args) => template::run(args),
         Command::Volume(args) => volume::run(args),
+        Command::Snapshot(args) => snapshot::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Down(args) => down::run(args),
     };

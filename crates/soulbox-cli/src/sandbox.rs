@@ -47,6 +47,15 @@ pub enum SandboxCommand {
         #[arg(long, value_enum, default_value = "full")]
         mode: PauseModeArg,
     },
+    /// Make a snapshot (a template of the sandbox's files) and print its ID, which
+    /// `create -t` takes.
+    Snapshot {
+        /// Sandbox ID.
+        id: String,
+        /// Name of the snapshot template (a new build of it if it exists).
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Resume a paused sandbox (or extend a running one's timeout) and print its ID.
     Resume {
         /// Sandbox ID.
@@ -154,6 +163,14 @@ pub fn run(args: SandboxArgs) -> anyhow::Result<()> {
             );
             Ok(())
         }),
+        SandboxCommand::Snapshot { id, name } => rest(api, |c| async move {
+            let snap = c
+                .create_snapshot(&id, name)
+                .await
+                .with_context(|| format!("snapshotting {id}"))?;
+            println!("{}", snap.snapshot_id);
+            Ok(())
+        }),
         SandboxCommand::Resume {
             id,
             timeout,
@@ -173,7 +190,7 @@ pub fn run(args: SandboxArgs) -> anyhow::Result<()> {
 }
 
 /// Runs one control-plane command with a client for `(url, key)`.
-fn rest<F, Fut>((url, key): (String, Option<String>), command: F) -> anyhow::Result<()>
+pub(crate) fn rest<F, Fut>((url, key): (String, Option<String>), command: F) -> anyhow::Result<()>
 where
     F: FnOnce(RestClient) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,

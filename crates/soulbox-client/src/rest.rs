@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use soulbox_wire::rest::{
     ApiError, ConnectSandboxV2, ListedSandbox, NewSandbox, PauseRequest, Sandbox, SandboxDetail,
-    SandboxState, TimeoutRequest,
+    SandboxState, SnapshotInfo, SnapshotRequest, TimeoutRequest,
 };
 
 /// Largest response body accepted from the server.
@@ -185,6 +185,59 @@ impl RestClient {
             Some(&ConnectSandboxV2 { timeout, memory }),
         )
         .await
+    }
+
+    /// `POST /sandboxes/{id}/snapshots`: a template of the sandbox's files.
+    pub async fn create_snapshot(
+        &self,
+        id: &str,
+        name: Option<String>,
+    ) -> Result<SnapshotInfo, RestError> {
+        self.json(
+            Method::POST,
+            &format!("/sandboxes/{}/snapshots", segment(id)),
+            Some(&SnapshotRequest { name, memory: None }),
+        )
+        .await
+    }
+
+    /// `GET /snapshots` (every page), of one sandbox when given.
+    pub async fn list_snapshots(
+        &self,
+        sandbox_id: Option<&str>,
+    ) -> Result<Vec<SnapshotInfo>, RestError> {
+        let mut all = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            let mut path = "/snapshots?limit=1000".to_owned();
+            if let Some(id) = sandbox_id {
+                path.push_str(&format!("&sandboxID={}", segment(id)));
+            }
+            if let Some(t) = &next {
+                path.push_str(&format!("&nextToken={}", segment(t)));
+            }
+            let (headers, body) = self.send(Method::GET, &path, None).await?;
+            let page: Vec<SnapshotInfo> = serde_json::from_slice(&body)?;
+            all.extend(page);
+            next = headers
+                .get("x-next-token")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            if next.is_none() {
+                return Ok(all);
+            }
+        }
+    }
+
+    /// Deletes a snapshot (it is a template: `DELETE /templates/{id}`, as the SDKs do).
+    pub async fn delete_snapshot(&self, snapshot_id: &str) -> Result<(), RestError> {
+        self.send(
+            Method::DELETE,
+            &format!("/templates/{}", segment(snapshot_id)),
+            None,
+        )
+        .await
+        .map(drop)
     }
 
     /// A JSON call to any control-plane route (those without a typed method here, such as

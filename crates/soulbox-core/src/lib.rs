@@ -17,6 +17,7 @@ mod ids;
 mod network;
 mod pause;
 mod pool;
+mod snapshots;
 mod template_exec;
 mod templates;
 mod volumes;
@@ -37,6 +38,7 @@ pub use agent_client::AgentError;
 pub use ids::{new_access_token, new_sandbox_id};
 pub use pause::{DEFAULT_RESUME_TIMEOUT, Lifecycle, PauseMode, Resumed};
 pub use pool::{DEMAND_WINDOW, HostReserve, PoolConfig, PoolSize};
+pub use snapshots::Snapshot;
 pub use soulbox_net::EgressConfig;
 pub use templates::{
     BuildConfig, BuildLogLine, BuildSource, BuildSpec, BuildView, DEFAULT_TAG, READY_TIMEOUT,

@@ -130,7 +130,8 @@ pub(crate) fn parse_lifecycle(rec: &SandboxRecord) -> Lifecycle {
     serde_json::from_str(&rec.lifecycle).unwrap_or_default()
 }
 
-/// Sandboxes with a pause or resume under way: a second one is refused, not interleaved.
+/// Sandboxes with a pause, resume or snapshot under way: a second one is refused, not
+/// interleaved.
 #[derive(Default)]
 pub(crate) struct Transitions(Mutex<HashSet<String>>);
 
@@ -161,7 +162,7 @@ pub enum Resumed {
 }
 
 impl Manager {
-    fn begin(&self, id: &str) -> Result<Transition, CoreError> {
+    pub(crate) fn begin(&self, id: &str) -> Result<Transition, CoreError> {
         let mut set = self
             .inner
             .transitions
@@ -170,7 +171,7 @@ impl Manager {
             .unwrap_or_else(|e| e.into_inner());
         if !set.insert(id.to_owned()) {
             return Err(CoreError::Conflict(format!(
-                "sandbox {id} is being paused or resumed"
+                "sandbox {id} is being paused, resumed or snapshotted"
             )));
         }
         Ok(Transition {

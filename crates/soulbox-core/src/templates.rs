@@ -73,7 +73,7 @@ const DEFAULT_DISK_MB: u64 = 10240;
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// Files a build sandbox's own setup writes (the agent's init, the runtime's hostname):
 /// never part of a layer, as in Docker, where they are mounts.
-const SETUP_FILES: &[&str] = &[
+pub(crate) const SETUP_FILES: &[&str] = &[
     "run/e2b/.E2B_SANDBOX",
     "run/e2b/.E2B_SANDBOX_ID",
     "run/e2b/.E2B_TEMPLATE_ID",
@@ -192,7 +192,7 @@ pub struct BuildSpec {
 
 /// Template state kept by the manager.
 pub(crate) struct State {
-    layers: LayerStore,
+    pub(crate) layers: LayerStore,
     /// `$DATA/template-files`: uploaded COPY archives, `<hash>.tar.gz`.
     files: PathBuf,
     logs: Mutex<HashMap<String, Arc<BuildLog>>>,
@@ -314,7 +314,7 @@ fn internal(e: impl std::fmt::Display) -> CoreError {
     CoreError::Internal(e.to_string())
 }
 
-fn sha256_hex(parts: &[&str]) -> String {
+pub(crate) fn sha256_hex(parts: &[&str]) -> String {
     let mut h = Sha256::new();
     for p in parts {
         h.update((p.len() as u64).to_le_bytes());
@@ -1531,11 +1531,7 @@ impl Manager {
                 .stop(&handle)
                 .await
                 .map_err(|e| fail(e.to_string()))?;
-            let upper = handle
-                .socket_path
-                .parent()
-                .map(|d| d.join("upper"))
-                .ok_or_else(|| fail("sandbox state dir".into()))?;
+            let upper = upper_dir(&handle).map_err(|e| fail(e.to_string()))?;
             let store = self
                 .template_state()
                 .map_err(|e| fail(e.to_string()))?
@@ -1933,6 +1929,15 @@ fn build_config(b: &BuildRecord) -> Result<BuildConfig, CoreError> {
         .ok_or_else(|| CoreError::Internal(format!("build {} has no config", b.id)))?;
     serde_json::from_str(text)
         .map_err(|e| CoreError::Internal(format!("build {} config: {e}", b.id)))
+}
+
+/// The host path of a sandbox's writable layer (`upper/` beside its agent socket in its state
+/// directory): only read by the host while the sandbox is stopped or frozen.
+pub(crate) fn upper_dir(h: &SandboxHandle) -> Result<PathBuf, CoreError> {
+    h.socket_path
+        .parent()
+        .map(|d| d.join("upper"))
+        .ok_or_else(|| CoreError::Internal(format!("no state directory for sandbox {}", h.id)))
 }
 
 #[cfg(test)]

@@ -184,12 +184,60 @@ impl Store {
             .bind(id)
             .execute(&mut *tx)
             .await?;
+        sqlx::query("DELETE FROM snapshots WHERE template_id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         let done = sqlx::query("DELETE FROM template_defs WHERE id = ?")
             .bind(id)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
         Ok(done.rows_affected() > 0)
+    }
+
+    /// Records that template `template_id` is a snapshot of sandbox `sandbox_id`.
+    pub async fn insert_snapshot(
+        &self,
+        template_id: &str,
+        sandbox_id: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO snapshots (template_id, sandbox_id, created_at) VALUES (?, ?, ?) \
+             ON CONFLICT (template_id) DO UPDATE SET sandbox_id = excluded.sandbox_id, \
+             created_at = excluded.created_at",
+        )
+        .bind(template_id)
+        .bind(sandbox_id)
+        .bind(at.timestamp_millis())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Snapshot templates, newest first: of `sandbox_id` only when given, named `name` only
+    /// when given; at most `limit` after the first `offset`.
+    pub async fn list_snapshots(
+        &self,
+        sandbox_id: Option<&str>,
+        name: Option<&str>,
+        offset: u32,
+        limit: u32,
+    ) -> Result<Vec<TemplateDef>, StoreError> {
+        let rows: Vec<DefRow> = sqlx::query_as(
+            "SELECT d.id, d.name, d.cpu_count, d.memory_mb, d.created_at FROM snapshots s \
+             JOIN template_defs d ON d.id = s.template_id \
+             WHERE (?1 IS NULL OR s.sandbox_id = ?1) AND (?2 IS NULL OR d.name = ?2) \
+             ORDER BY s.created_at DESC, d.id LIMIT ?3 OFFSET ?4",
+        )
+        .bind(sandbox_id)
+        .bind(name)
+        .bind(i64::from(limit))
+        .bind(i64::from(offset))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(TemplateDef::try_from).collect()
     }
 
     pub async fn insert_build(&self, b: &BuildRecord) -> Result<(), StoreError> {

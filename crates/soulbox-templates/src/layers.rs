@@ -196,6 +196,15 @@ impl LayerStore {
         result
     }
 
+    /// Copies the tree at `dir` (left as it is) into a new temporary directory of the store,
+    /// for [`LayerStore::ingest`]: a snapshot of a live sandbox's upper layer, copied while the
+    /// sandbox is frozen and hashed after it runs again.
+    pub fn copy_in(&self, dir: &Path) -> Result<PathBuf, LayerError> {
+        let to = self.root.join(format!(".tmp-{}", random_suffix()));
+        copy_tree(dir, &to)?;
+        Ok(to)
+    }
+
     /// Digests of every stored layer.
     pub fn list(&self) -> Result<Vec<String>, LayerError> {
         let mut out = Vec::new();
@@ -263,31 +272,36 @@ pub fn remove_tree(path: &Path) -> Result<(), LayerError> {
 fn move_tree(from: &Path, to: &Path) -> Result<(), LayerError> {
     match fs::rename(from, to) {
         Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(nix::libc::EXDEV) => {
-            let out = std::process::Command::new("cp")
-                .arg("-a")
-                .arg("--reflink=auto")
-                .arg("--no-target-directory")
-                .arg(from)
-                .arg(to)
-                .output()
-                .map_err(io_err("running cp for", from))?;
-            if !out.status.success() {
-                let _ = remove_tree(to);
-                return Err(LayerError::Copy {
-                    from: from.to_owned(),
-                    to: to.to_owned(),
-                    detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-                });
-            }
-            Ok(())
-        }
+        Err(e) if e.raw_os_error() == Some(nix::libc::EXDEV) => copy_tree(from, to),
         Err(source) => Err(LayerError::Io {
             what: "moving",
             path: from.to_owned(),
             source,
         }),
     }
+}
+
+/// Copies the tree at `from` to the new path `to` as it is (owners, modes, xattrs such as
+/// overlayfs's opaque marks, whiteouts, hard links; symlinks are copied, never followed),
+/// sharing extents where the filesystem can. A failure removes what it copied.
+fn copy_tree(from: &Path, to: &Path) -> Result<(), LayerError> {
+    let out = std::process::Command::new("cp")
+        .arg("-a")
+        .arg("--reflink=auto")
+        .arg("--no-target-directory")
+        .arg(from)
+        .arg(to)
+        .output()
+        .map_err(io_err("running cp for", from))?;
+    if !out.status.success() {
+        let _ = remove_tree(to);
+        return Err(LayerError::Copy {
+            from: from.to_owned(),
+            to: to.to_owned(),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(())
 }
 
 fn random_suffix() -> String {

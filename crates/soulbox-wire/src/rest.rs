@@ -84,6 +84,25 @@ pub struct RefreshRequest {
     pub duration: Option<i64>,
 }
 
+/// `POST /sandboxes/{id}/snapshots` (`SandboxSnapshotRequest`); an empty body is all
+/// defaults.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Accepted; a SoulBox snapshot keeps files only (docs/persistence.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<bool>,
+}
+
+/// One snapshot (`SnapshotInfo`): what `Sandbox.create` takes, and the template's names.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    #[serde(rename = "snapshotID")]
+    pub snapshot_id: String,
+    pub names: Vec<String>,
+}
+
 /// `lifecycle` of `SandboxDetail`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]

@@ -167,3 +167,44 @@ def test_paused_sandboxes_survive_a_server_restart(e2e, make_sandbox):
     assert proc.pid in {p.pid for p in a.commands.list()}
     b = Sandbox.connect(fs.sandbox_id)
     assert b.files.read("/home/user/b.txt") == "fs"
+
+
+def test_snapshots_make_templates_of_live_sandboxes(make_sandbox, tracker):
+    sbx = make_sandbox(timeout=120, envs={"FROM_CREATE": "kept"})
+    sbx.files.write("/home/user/snap.txt", "in the snapshot")
+    sbx.commands.run("mkdir -p /opt/snap && echo by-root > /opt/snap/f", user="root")
+    unnamed = sbx.create_snapshot()
+    named = sbx.create_snapshot(name=f"snap-{sbx.sandbox_id}")
+    assert named.snapshot_id == f"snap-{sbx.sandbox_id}:default"
+    assert named.names == [named.snapshot_id]
+    # The source keeps running, unchanged.
+    assert sbx.commands.run("cat /home/user/snap.txt").stdout == "in the snapshot"
+    listed = [s.snapshot_id for s in Sandbox.list_snapshots(sandbox_id=sbx.sandbox_id).next_items()]
+    assert set(listed) == {unnamed.snapshot_id, named.snapshot_id}
+
+    for snap in (unnamed, named):
+        child = Sandbox.create(snap.snapshot_id, timeout=60)
+        tracker.add(child.sandbox_id)
+        assert child.sandbox_id != sbx.sandbox_id
+        assert child.files.read("/home/user/snap.txt") == "in the snapshot"
+        out = child.commands.run("cat /opt/snap/f; echo $FROM_CREATE; stat -c %U /home/user/snap.txt; hostname")
+        assert out.stdout.split() == ["by-root", "kept", "user", child.sandbox_id]
+        child.kill()
+
+    # A paused sandbox can be snapshotted too; deleting a snapshot forgets it.
+    assert sbx.pause() is True
+    paused_snap = Sandbox.create_snapshot(sbx.sandbox_id)
+    assert Sandbox.delete_snapshot(paused_snap.snapshot_id) is True
+    assert Sandbox.delete_snapshot(unnamed.snapshot_id) is True
+    assert Sandbox.delete_snapshot(named.snapshot_id) is True
+    assert Sandbox.delete_snapshot(named.snapshot_id) is False
+    assert Sandbox.list_snapshots(sandbox_id=sbx.sandbox_id).next_items() == []
+    with pytest.raises(NotFoundException):
+        Sandbox.create_snapshot("c" * 20)
+
+
+def test_fork_answers_not_implemented(make_sandbox):
+    """Fork copies memory, which needs checkpoints SoulBox cannot take yet (docs/persistence.md)."""
+    sbx = make_sandbox(timeout=60)
+    with pytest.raises(Exception, match="501"):
+        sbx.fork(count=1)
