@@ -912,6 +912,11 @@ impl Report {
                 "resume_filesystem_to_first_command_large",
                 "  resume (boot) → first command",
             ),
+            ("snapshot_small", "snapshot (small)"),
+            (
+                "create_from_snapshot_to_first_command",
+                "  create from it → first command",
+            ),
         ];
         for (key, label) in rows {
             let s = |field: &str| self.num(&["latency", key, "summary_ms", field]);

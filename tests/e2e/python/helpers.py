@@ -71,6 +71,13 @@ class E2EEnv:
             raise RuntimeError("SOULBOX_SERVERCTL is not set")
         subprocess.run([self.serverctl, "restart"], check=True, timeout=600)
 
+    def crash_server(self) -> None:
+        """SIGKILLs `soulbox serve` (no shutdown runs), then starts it again."""
+        if not self.serverctl:
+            raise RuntimeError("SOULBOX_SERVERCTL is not set")
+        subprocess.run([self.serverctl, "crash"], check=True, timeout=60)
+        subprocess.run([self.serverctl, "start"], check=True, timeout=600)
+
 
 def envd_headers(sandbox_id: str, access_token: str | None) -> dict[str, str]:
     """Headers the SDK puts on envd traffic in URL mode (protocol doc §2.4)."""

@@ -45,6 +45,9 @@ pub(super) async fn pause_resume(target: &Target, runs: usize, report: &mut Repo
             &cycle.resume_filesystem,
         );
     }
+    let (snap, from_snap) = snapshots(target, runs.div_ceil(4)).await;
+    report.latency("snapshot_small", &snap);
+    report.latency("create_from_snapshot_to_first_command", &from_snap);
     report.set(
         "pause_notes",
         json!({
@@ -93,4 +96,44 @@ async fn cycles(target: &Target, m: &Made, mib: usize, n: usize) -> Cycle {
         // A filesystem pause ends the memory holder; it is not started again.
     }
     c
+}
+
+/// `n` snapshots of one small sandbox (the API call), and `n` creates → first command from
+/// the last of them (a cold create: snapshot templates have no warm pool). Each snapshot is
+/// deleted after use.
+async fn snapshots(target: &Target, n: usize) -> (Samples, Samples) {
+    let (mut snap, mut from) = (Samples::default(), Samples::default());
+    let source = match target.create(600).await {
+        Ok(m) => m,
+        Err(e) => {
+            snap.record::<()>(&Err(e), Default::default());
+            return (snap, from);
+        }
+    };
+    let _ = run_output(&source.envd, "/bin/sh", &["-c", "echo snap > /home/user/snap.txt"]).await;
+    for _ in 0..n {
+        let t0 = Instant::now();
+        let made = target.rest.create_snapshot(&source.id, None).await;
+        snap.record(&made.as_ref().map_err(|e| anyhow::anyhow!("{e}")), t0.elapsed());
+        let Ok(s) = made else { continue };
+        let t1 = Instant::now();
+        let child = Target {
+            template: s.snapshot_id.clone(),
+            ..target.clone()
+        };
+        let ran = match child.create(60).await {
+            Ok(m) => {
+                let r = run_true(&m.envd, true).await;
+                let took = t1.elapsed();
+                let _ = target.kill(&m.id).await;
+                r.map(|()| took)
+            }
+            Err(e) => Err(e),
+        };
+        let took = ran.as_ref().map_or_else(|_| t1.elapsed(), |t| *t);
+        from.record(&ran, took);
+        let _ = target.rest.delete_snapshot(&s.snapshot_id).await;
+    }
+    let _ = target.kill(&source.id).await;
+    (snap, from)
 }

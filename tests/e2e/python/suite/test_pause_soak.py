@@ -70,3 +70,37 @@ def test_pause_restart_resume_cycles(e2e, make_sandbox):
         assert sbx.files.read("/tmp/v1") == sbx.files.read("/tmp/v0"), f"cycle {cycle}: memory lost"
         out = sbx.commands.run("python3 -c \"import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:8000/').status)\"")
         assert out.stdout.strip() == "200", f"cycle {cycle}: the server process does not answer"
+
+
+def test_server_killed_during_pauses_and_resumes_loses_nothing(e2e, make_sandbox):
+    """SIGKILL of the server while pauses and resumes are in flight: afterwards every sandbox
+    is running or paused (never gone, never both), its files intact, and it resumes."""
+    require(e2e, "SOULBOX_SERVERCTL (a restart hook)", e2e.serverctl is not None)
+    boxes = [make_sandbox(timeout=300) for _ in range(PARALLEL)]
+    for sbx in boxes:
+        sbx.files.write("/home/user/soak.txt", sbx.sandbox_id)
+    half = len(boxes) // 2
+    for sbx in boxes[:half]:
+        assert sbx.pause() is True
+
+    def churn(i: int, sbx: Sandbox) -> None:
+        try:
+            if i < half:
+                Sandbox.connect(sbx.sandbox_id, timeout=300)
+            else:
+                sbx.pause(mode="full" if i % 2 else "filesystem")
+        except Exception:
+            pass  # the server died under it: what counts is the state afterwards
+
+    with ThreadPoolExecutor(max_workers=PARALLEL) as pool:
+        futures = [pool.submit(churn, i, sbx) for i, sbx in enumerate(boxes)]
+        e2e.crash_server()
+        for f in futures:
+            f.result()
+
+    for sbx in boxes:
+        state = Sandbox.get_info(sbx.sandbox_id).state
+        assert state in (SandboxState.RUNNING, SandboxState.PAUSED), (sbx.sandbox_id, state)
+        resumed = Sandbox.connect(sbx.sandbox_id, timeout=300)
+        check(resumed, sbx.sandbox_id, None)
+        Sandbox.kill(sbx.sandbox_id)
