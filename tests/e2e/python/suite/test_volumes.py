@@ -197,3 +197,20 @@ def test_volume_survives_a_server_restart(e2e, make_volume, make_sandbox):
     assert fresh.commands.run("cat /v/kept.txt").stdout == "before restart"
     sbx.kill()
     fresh.kill()
+
+
+@pytest.mark.parametrize("mode", ["full", "filesystem"])
+def test_paused_sandbox_keeps_its_volume(e2e, make_volume, make_sandbox, mode):
+    vol = make_volume()
+    sbx = make_sandbox(volume_mounts={"/data": vol})
+    sbx.commands.run(f"echo before > /data/{mode}.txt")
+    sbx.pause(mode=mode)
+    # A paused sandbox still mounts it: deletion is refused.
+    with pytest.raises(Exception):
+        Volume.destroy(vol.volume_id)
+    again = Sandbox.connect(sbx.sandbox_id)
+    assert again.commands.run(f"cat /data/{mode}.txt").stdout == "before\n"
+    again.commands.run("echo after > /data/after.txt")
+    assert vol.read_file("/after.txt") == "after\n"
+    assert again.commands.run("grep -c ' /data ' /proc/self/mountinfo").stdout.strip() == "1"
+    again.kill()
