@@ -12,8 +12,8 @@ use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use soulbox_core::{Manager, PauseMode, Resumed, validate_timeout};
 use soulbox_wire::rest::{
-    ConnectSandboxV2, PauseRequest, RefreshRequest, ResumeRequest, Sandbox, SnapshotInfo,
-    SnapshotRequest, TimeoutRequest,
+    ConnectSandbox, ConnectSandboxV2, PauseRequest, RefreshRequest, ResumeRequest, Sandbox,
+    SnapshotInfo, SnapshotRequest,
 };
 
 use crate::{ApiError, V2_DEFAULT_TIMEOUT_SECS, parse_json, sandbox_body};
@@ -71,8 +71,8 @@ pub(crate) async fn connect_v1(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<(StatusCode, axum::Json<Sandbox>), ApiError> {
-    let req: TimeoutRequest = parse_json(&body)?;
-    connect(m, &id, req.timeout, None).await
+    let req: ConnectSandbox = parse_json(&body)?;
+    connect(m, &id, req.timeout, req.memory).await
 }
 
 pub(crate) async fn connect_v2(

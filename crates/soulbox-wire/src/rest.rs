@@ -277,6 +277,15 @@ pub struct TimeoutRequest {
     pub timeout: i64,
 }
 
+/// v1 `POST /sandboxes/{id}/connect` (`ConnectSandbox`): `timeout` is required; `memory:
+/// false` boots a paused sandbox again from its files (`on_resume="reboot"`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ConnectSandbox {
+    pub timeout: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<bool>,
+}
+
 /// `POST /v2/sandboxes/{id}/connect`: the body is optional, `timeout` defaults to 300 s.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ConnectSandboxV2 {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import http.server
 import importlib.metadata
+import inspect
 import os
 import re
 import subprocess
@@ -77,6 +78,13 @@ class E2EEnv:
             raise RuntimeError("SOULBOX_SERVERCTL is not set")
         subprocess.run([self.serverctl, "crash"], check=True, timeout=60)
         subprocess.run([self.serverctl, "start"], check=True, timeout=600)
+
+
+def pause(sbx: Sandbox, mode: str = "full") -> bool:
+    """`sbx.pause(mode=...)`; SDKs before `mode` (2.50) spell it `keep_memory`."""
+    if "mode" in inspect.signature(sbx._cls_pause).parameters:
+        return sbx.pause(mode=mode)
+    return sbx.pause(keep_memory=mode == "full")
 
 
 def envd_headers(sandbox_id: str, access_token: str | None) -> dict[str, str]:

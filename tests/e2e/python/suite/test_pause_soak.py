@@ -13,7 +13,7 @@ import pytest
 from e2b import Sandbox, SandboxState
 from packaging.version import Version
 
-from helpers import E2B_VERSION, require
+from helpers import E2B_VERSION, pause, require
 
 pytestmark = pytest.mark.skipif(E2B_VERSION < Version("2.20.0"), reason="pause(mode=...) needs e2b >= 2.20")
 
@@ -34,7 +34,7 @@ def test_many_sandboxes_pause_and_resume_at_once(make_sandbox):
         sbx.files.write("/home/user/soak.txt", tag)
         pid = sbx.commands.run("sleep 3600", background=True).pid
         mode = "full" if i % 2 == 0 else "filesystem"
-        assert sbx.pause(mode=mode) is True
+        assert pause(sbx, mode) is True
         assert Sandbox.get_info(sbx.sandbox_id).state == SandboxState.PAUSED
         resumed = Sandbox.connect(sbx.sandbox_id, timeout=300)
         check(resumed, tag, pid if mode == "full" else None)
@@ -61,12 +61,14 @@ def test_pause_restart_resume_cycles(e2e, make_sandbox):
         background=True,
     )
     for cycle in range(CYCLES):
-        assert sbx.pause() is True, f"cycle {cycle}"
+        assert pause(sbx) is True, f"cycle {cycle}"
         e2e.restart_server()
         sbx = Sandbox.connect(sbx.sandbox_id, timeout=600)
         check(sbx, tag, server.pid)
         assert holder.pid in {p.pid for p in sbx.commands.list()}
-        sbx.commands.run(f"rm -f /tmp/v1; kill -USR1 {holder.pid}; sleep 0.3")
+        sbx.commands.run(
+            f"rm -f /tmp/v1; kill -USR1 {holder.pid}; for i in $(seq 100); do [ -s /tmp/v1 ] && break; sleep 0.05; done"
+        )
         assert sbx.files.read("/tmp/v1") == sbx.files.read("/tmp/v0"), f"cycle {cycle}: memory lost"
         out = sbx.commands.run("python3 -c \"import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:8000/').status)\"")
         assert out.stdout.strip() == "200", f"cycle {cycle}: the server process does not answer"
@@ -81,14 +83,14 @@ def test_server_killed_during_pauses_and_resumes_loses_nothing(e2e, make_sandbox
         sbx.files.write("/home/user/soak.txt", sbx.sandbox_id)
     half = len(boxes) // 2
     for sbx in boxes[:half]:
-        assert sbx.pause() is True
+        assert pause(sbx) is True
 
     def churn(i: int, sbx: Sandbox) -> None:
         try:
             if i < half:
                 Sandbox.connect(sbx.sandbox_id, timeout=300)
             else:
-                sbx.pause(mode="full" if i % 2 else "filesystem")
+                pause(sbx, "full" if i % 2 else "filesystem")
         except Exception:
             pass  # the server died under it: what counts is the state afterwards
 
