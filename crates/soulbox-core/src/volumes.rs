@@ -302,13 +302,41 @@ impl Manager {
             .collect())
     }
 
-    /// At start: forgets mounts of sandboxes that are gone.
+    /// At start: forgets mounts of sandboxes that are gone, and makes the volumes on disk match
+    /// the rows. A create records the row before it makes the directory and a delete drops the
+    /// row before the directory, so a server that died in between leaves a row without a
+    /// directory (made again, empty: the create never answered) or a directory without a row
+    /// (a deleted volume: removed).
     pub(crate) async fn prune_volume_mounts(&self) -> Result<(), CoreError> {
-        if self.inner.volumes.is_some() {
-            let n = self.inner.store.prune_volume_mounts().await?;
-            if n > 0 {
-                tracing::info!(count = n, "forgot volume mounts of sandboxes that are gone");
-            }
+        if self.inner.volumes.is_none() {
+            return Ok(());
+        }
+        let n = self.inner.store.prune_volume_mounts().await?;
+        if n > 0 {
+            tracing::info!(count = n, "forgot volume mounts of sandboxes that are gone");
+        }
+        let rows = self.inner.store.list_volumes().await?;
+        let reconciled = blocking(
+            move |v: &Volumes| {
+                let on_disk = v.store.ids()?;
+                for rec in &rows {
+                    if !on_disk.contains(&rec.id) {
+                        tracing::warn!(volume = %rec.id, name = %rec.name, "volume directory missing; making it again, empty");
+                        v.store.create(&rec.id, rec.size_mb)?;
+                    }
+                }
+                for id in on_disk.iter().filter(|id| !rows.iter().any(|r| &r.id == *id)) {
+                    tracing::info!(volume = %id, "removing the files of a deleted volume");
+                    v.store.remove(id)?;
+                }
+                Ok(())
+            },
+            self,
+        )
+        .await;
+        // A volume that cannot be fixed now must not keep the server from starting.
+        if let Err(e) = reconciled {
+            tracing::error!(error = %e, "reconciling volumes with their rows");
         }
         Ok(())
     }

@@ -250,6 +250,21 @@ impl VolumeStore {
         disk::remove_tree(&path).ctx(|| format!("remove {}", path.display()))
     }
 
+    /// The ids of the volumes on disk (names that are valid ids; anything else is ignored).
+    pub fn ids(&self) -> Result<Vec<String>, RuntimeError> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).ctx(|| format!("list {}", self.dir.display()))? {
+            let entry = entry.ctx(|| format!("list {}", self.dir.display()))?;
+            if let Some(name) = entry.file_name().to_str()
+                && check_id(name).is_ok()
+            {
+                out.push(name.to_owned());
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
     /// Volume `id`'s root, for content operations; `size_mb` bounds uploads.
     pub fn open_volume(&self, id: &str, size_mb: u64) -> Result<VolumeDir, RuntimeError> {
         check_id(id)?;
@@ -887,8 +902,11 @@ mod tests {
         v.remove(&path("/d")).expect("remove");
         assert_eq!(errno(v.stat(&path("/d")).expect_err("gone")), libc::ENOENT);
         assert!(v.remove(&path("/")).is_err());
+        std::fs::create_dir(s.path("not-an-id")).expect("mkdir");
+        assert_eq!(s.ids().expect("ids"), ["vol1"]);
         s.remove("vol1").expect("remove volume");
         assert!(!s.path("vol1").exists());
+        assert!(s.ids().expect("ids").is_empty());
     }
 
     /// A planted symlink, anywhere in a path, is never followed: not to reach outside the
