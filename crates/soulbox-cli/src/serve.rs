@@ -197,7 +197,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let api_url = url_of(api.local_addr()?);
     let sandbox_url = url_of(gateway.local_addr()?);
     tracing::info!(%api_url, %sandbox_url, "listening");
-    {
+    // For the person or script that started us; a server whose stdout is gone (a closed
+    // pipe) serves on.
+    let printed = (|| {
         let mut out = std::io::stdout().lock();
         writeln!(out, "export E2B_API_URL={api_url}")?;
         writeln!(out, "export E2B_SANDBOX_URL={sandbox_url}")?;
@@ -207,7 +209,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         if let Some(mode) = &domain_mode {
             write!(out, "{}", mode.exports())?;
         }
-        out.flush()?;
+        out.flush()
+    })();
+    if let Err(e) = printed {
+        tracing::warn!(error = %e, "printing the export lines");
     }
 
     let (stop_tx, stop_rx) = watch::channel(false);

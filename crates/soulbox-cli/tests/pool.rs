@@ -49,7 +49,8 @@ fn state_entries(server: &Server) -> HashSet<String> {
         .expect("sandboxes dir")
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.starts_with('.'))
+        // `volumes` is the volume store beside the sandboxes (serve.rs VOLUMES_DIR).
+        .filter(|n| !n.starts_with('.') && n != "volumes")
         .collect()
 }
 

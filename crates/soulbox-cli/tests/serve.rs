@@ -339,7 +339,8 @@ async fn failed_creates_leave_nothing_behind() {
             .expect("sandboxes dir")
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| !n.starts_with('.') && !members.contains(n))
+            // `volumes` is the volume store beside the sandboxes (serve.rs VOLUMES_DIR).
+            .filter(|n| !n.starts_with('.') && n != "volumes" && !members.contains(n))
             .collect();
         if (starting == 0 && leftovers.is_empty()) || std::time::Instant::now() > deadline {
             break leftovers;

@@ -110,11 +110,19 @@ async fn snapshots(target: &Target, n: usize) -> (Samples, Samples) {
             return (snap, from);
         }
     };
-    let _ = run_output(&source.envd, "/bin/sh", &["-c", "echo snap > /home/user/snap.txt"]).await;
+    let _ = run_output(
+        &source.envd,
+        "/bin/sh",
+        &["-c", "echo snap > /home/user/snap.txt"],
+    )
+    .await;
     for _ in 0..n {
         let t0 = Instant::now();
         let made = target.rest.create_snapshot(&source.id, None).await;
-        snap.record(&made.as_ref().map_err(|e| anyhow::anyhow!("{e}")), t0.elapsed());
+        snap.record(
+            &made.as_ref().map_err(|e| anyhow::anyhow!("{e}")),
+            t0.elapsed(),
+        );
         let Ok(s) = made else { continue };
         let t1 = Instant::now();
         let child = Target {
