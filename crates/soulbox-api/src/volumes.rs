@@ -127,10 +127,11 @@ async fn open(
     headers: &HeaderMap,
     q: &ContentQuery,
 ) -> Result<(VolumeDir, VolumePath), ApiError> {
+    // Authenticated first: without the token nothing about the request is looked at.
     let token = bearer(headers)?;
+    let dir = m.volume_content(id, token).await?;
     let path = VolumePath::parse(&q.path).map_err(fs_error)?;
     check_volume_attrs(&path, q.attrs()).map_err(fs_error)?;
-    let dir = m.volume_content(id, token).await?;
     Ok((dir, path))
 }
 
