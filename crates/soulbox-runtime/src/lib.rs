@@ -241,6 +241,11 @@ fn above_stdio(fd: OwnedFd) -> Result<OwnedFd, RuntimeError> {
     rustix::io::fcntl_dupfd_cloexec(&fd, spawn::AGENT_FD + 1).ctx(|| "dup descriptor")
 }
 
+/// A pidfd of the handle's PID 1 if that process is still the sandbox's (not a reused pid).
+fn pid1_of(h: &SandboxHandle) -> Option<OwnedFd> {
+    proc::pidfd_if_same(h.pid, h.start_time).map(|(fd, _)| fd)
+}
+
 fn join_error(e: tokio::task::JoinError) -> RuntimeError {
     RuntimeError::Io {
         context: "runtime task".into(),
@@ -364,17 +369,8 @@ impl Runtime {
     /// Kills every process of the sandbox, waits until they are gone, and removes its cgroups,
     /// directories and socket, and frees its uid range. Idempotent.
     pub async fn destroy(&self, h: &SandboxHandle) -> Result<(), RuntimeError> {
-        if !valid_id(&h.id) {
-            return Err(RuntimeError::InvalidId(h.id.clone()));
-        }
-        let inner = self.inner.clone();
-        let h = h.clone();
-        tokio::task::spawn_blocking(move || {
-            let pid1 = proc::pidfd_if_same(h.pid, h.start_time).map(|(fd, _)| fd);
-            inner.teardown(&h.id, pid1)
-        })
-        .await
-        .map_err(join_error)?
+        self.blocking(h, |inner, h| inner.teardown(&h.id, pid1_of(h)))
+            .await
     }
 
     /// Freezes (`true`) or thaws (`false`) every process of the sandbox through its cgroup
@@ -382,35 +378,37 @@ impl Runtime {
     /// sandbox keeps its memory, uid range, network and state directory and can be destroyed
     /// as it is.
     pub async fn freeze(&self, h: &SandboxHandle, frozen: bool) -> Result<(), RuntimeError> {
-        if !valid_id(&h.id) {
-            return Err(RuntimeError::InvalidId(h.id.clone()));
-        }
-        let inner = self.inner.clone();
-        let id = h.id.clone();
-        tokio::task::spawn_blocking(move || {
-            inner.cgroups.freeze(&id, frozen)?;
-            if frozen { inner.sync(&id) } else { Ok(()) }
+        self.blocking(h, move |inner, h| {
+            inner.cgroups.freeze(&h.id, frozen)?;
+            if frozen { inner.sync(&h.id) } else { Ok(()) }
         })
         .await
-        .map_err(join_error)?
     }
 
     /// Ends every process of the sandbox and removes its cgroups, but keeps its state
     /// directory (upper layer, uid range, synced to disk) for
     /// [`Runtime::resume_with_network`]. Idempotent.
     pub async fn stop(&self, h: &SandboxHandle) -> Result<(), RuntimeError> {
+        self.blocking(h, |inner, h| {
+            inner.end_processes(&h.id, pid1_of(h))?;
+            inner.sync(&h.id)
+        })
+        .await
+    }
+
+    /// Runs `f` on a blocking thread for the sandbox of a handle whose id is valid.
+    async fn blocking<F>(&self, h: &SandboxHandle, f: F) -> Result<(), RuntimeError>
+    where
+        F: FnOnce(&Inner, &SandboxHandle) -> Result<(), RuntimeError> + Send + 'static,
+    {
         if !valid_id(&h.id) {
             return Err(RuntimeError::InvalidId(h.id.clone()));
         }
         let inner = self.inner.clone();
         let h = h.clone();
-        tokio::task::spawn_blocking(move || {
-            let pid1 = proc::pidfd_if_same(h.pid, h.start_time).map(|(fd, _)| fd);
-            inner.end_processes(&h.id, pid1)?;
-            inner.sync(&h.id)
-        })
-        .await
-        .map_err(join_error)?
+        tokio::task::spawn_blocking(move || f(&inner, &h))
+            .await
+            .map_err(join_error)?
     }
 
     /// Starts a sandbox that [`Runtime::stop`] stopped (or whose processes a host restart
