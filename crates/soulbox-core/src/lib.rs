@@ -266,7 +266,7 @@ impl Manager {
         let mut keep = HashSet::new();
         let mut keep_net = HashSet::new();
         for rec in manager.inner.store.all_sandboxes().await? {
-            let handle: SandboxHandle = match serde_json::from_str(&rec.handle) {
+            let handle = match stored_handle(&rec) {
                 Ok(h) => h,
                 Err(e) => {
                     // Its traces are removed by reap_orphans below (its id is not kept).
@@ -528,13 +528,17 @@ impl Manager {
         }
     }
 
-    pub async fn get(&self, id: &str) -> Result<SandboxInfo, CoreError> {
-        let rec = self
-            .inner
+    /// The sandbox's row, running or paused; [`CoreError::NotFound`] when there is none.
+    pub(crate) async fn record(&self, id: &str) -> Result<SandboxRecord, CoreError> {
+        self.inner
             .store
             .get_sandbox(id)
             .await?
-            .ok_or_else(|| CoreError::NotFound(id.to_owned()))?;
+            .ok_or_else(|| CoreError::NotFound(id.to_owned()))
+    }
+
+    pub async fn get(&self, id: &str) -> Result<SandboxInfo, CoreError> {
+        let rec = self.record(id).await?;
         let egress = rec
             .pause
             .is_some()
@@ -590,14 +594,8 @@ impl Manager {
             Some(live) => live.handle,
             None => {
                 // Not live: a row left by a failed destroy, or nothing at all.
-                let rec = self
-                    .inner
-                    .store
-                    .get_sandbox(id)
-                    .await?
-                    .ok_or_else(|| CoreError::NotFound(id.to_owned()))?;
-                serde_json::from_str(&rec.handle)
-                    .map_err(|e| CoreError::Internal(format!("stored handle of {id}: {e}")))?
+                let rec = self.record(id).await?;
+                stored_handle(&rec)?
             }
         };
         self.inner.runtime.destroy(&handle).await?;
@@ -819,6 +817,12 @@ fn to_chrono(d: Duration) -> Result<chrono::Duration, CoreError> {
 fn now_millis() -> DateTime<Utc> {
     let now = Utc::now();
     DateTime::from_timestamp_millis(now.timestamp_millis()).unwrap_or(now)
+}
+
+/// The runtime handle a row keeps.
+fn stored_handle(rec: &SandboxRecord) -> Result<SandboxHandle, CoreError> {
+    serde_json::from_str(&rec.handle)
+        .map_err(|e| CoreError::Internal(format!("stored handle of {}: {e}", rec.id)))
 }
 
 fn info_from(r: SandboxRecord) -> SandboxInfo {

@@ -35,7 +35,7 @@ use soulbox_store::SandboxRecord;
 use soulbox_wire::rest::SandboxState;
 
 use crate::{
-    CoreError, Manager, SandboxInfo, agent_client, info_from, now_millis, to_chrono,
+    CoreError, Manager, SandboxInfo, agent_client, info_from, now_millis, stored_handle, to_chrono,
     validate_timeout_duration,
 };
 
@@ -199,12 +199,7 @@ impl Manager {
         strict: bool,
     ) -> Result<(), CoreError> {
         let _busy = self.begin(id)?;
-        let rec = self
-            .inner
-            .store
-            .get_sandbox(id)
-            .await?
-            .ok_or_else(|| CoreError::NotFound(id.to_owned()))?;
+        let rec = self.record(id).await?;
         if rec.state == SandboxState::Paused {
             return Err(CoreError::Conflict(format!(
                 "sandbox {id} is already paused"
@@ -306,24 +301,14 @@ impl Manager {
         timeout: Option<Duration>,
         memory: Option<bool>,
     ) -> Result<(SandboxInfo, Resumed), CoreError> {
-        let rec = self
-            .inner
-            .store
-            .get_sandbox(id)
-            .await?
-            .ok_or_else(|| CoreError::NotFound(id.to_owned()))?;
+        let rec = self.record(id).await?;
         let timeout = timeout.unwrap_or(DEFAULT_RESUME_TIMEOUT);
         if rec.state == SandboxState::Running {
             return Ok((self.connect(id, timeout).await?, Resumed::WasRunning));
         }
         let _busy = self.begin(id)?;
         // Read again under the transition: a pause or resume may have just finished.
-        let rec = self
-            .inner
-            .store
-            .get_sandbox(id)
-            .await?
-            .ok_or_else(|| CoreError::NotFound(id.to_owned()))?;
+        let rec = self.record(id).await?;
         if rec.state == SandboxState::Running {
             drop(_busy);
             return Ok((self.connect(id, timeout).await?, Resumed::WasRunning));
@@ -336,8 +321,7 @@ impl Manager {
             )));
         }
         let end_at = now_millis() + to_chrono(timeout)?;
-        let handle: SandboxHandle = serde_json::from_str(&rec.handle)
-            .map_err(|e| CoreError::Internal(format!("stored handle of {id}: {e}")))?;
+        let handle = stored_handle(&rec)?;
         let t0 = std::time::Instant::now();
         let handle = if !paused.cold() && memory != Some(false) && self.inner.runtime.adopt(&handle)
         {

@@ -12,12 +12,11 @@
 //! of the sandbox's uid range exactly as a build step's upper layer is.
 
 use chrono::Utc;
-use soulbox_runtime::SandboxHandle;
 use soulbox_store::{BuildRecord, BuildStatus, TemplateDef};
 use soulbox_wire::rest::SandboxState;
 
 use crate::templates::{DEFAULT_TAG, SETUP_FILES, sha256_hex, upper_dir, valid_template_name};
-use crate::{CoreError, Manager, new_sandbox_id};
+use crate::{CoreError, Manager, new_sandbox_id, stored_handle};
 
 /// A snapshot as the SDKs see it (`SnapshotInfo`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,12 +54,8 @@ impl Manager {
         let layers = self.template_state()?.layers.clone();
         let _busy = self.begin(id)?;
         let store = &self.inner.store;
-        let rec = store
-            .get_sandbox(id)
-            .await?
-            .ok_or_else(|| CoreError::NotFound(id.to_owned()))?;
-        let handle: SandboxHandle = serde_json::from_str(&rec.handle)
-            .map_err(|e| CoreError::Internal(format!("stored handle of {id}: {e}")))?;
+        let rec = self.record(id).await?;
+        let handle = stored_handle(&rec)?;
         let template = self.resolve_sandbox_template(&rec).await?;
         let upper = upper_dir(&handle)?;
         // A paused sandbox is quiescent already (frozen, or without processes).
