@@ -8,6 +8,7 @@ mod interpreter;
 mod sandbox;
 mod sandbox_exec;
 mod serve;
+mod server_args;
 mod snapshot;
 mod template;
 mod volume;

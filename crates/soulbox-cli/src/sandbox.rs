@@ -8,17 +8,8 @@ use soulbox_wire::rest::{AutoResume, NewSandbox, SandboxState};
 
 #[derive(clap::Args)]
 pub struct SandboxArgs {
-    /// Control-plane URL of the server.
-    #[arg(
-        long,
-        global = true,
-        env = "E2B_API_URL",
-        default_value = "http://127.0.0.1:3000"
-    )]
-    pub api_url: String,
-    /// API key (`e2b_…`).
-    #[arg(long, global = true, env = "E2B_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
+    #[command(flatten)]
+    pub server: crate::server_args::ServerArgs,
     #[command(subcommand)]
     pub command: SandboxCommand,
 }
@@ -141,7 +132,7 @@ pub struct ListArgs {
 }
 
 pub fn run(args: SandboxArgs) -> anyhow::Result<()> {
-    let api = (args.api_url, args.api_key);
+    let api = (args.server.api_url, args.server.api_key);
     match args.command {
         SandboxCommand::Create(a) => rest(api, |c| async move { create(&c, a).await }),
         SandboxCommand::List(a) => rest(api, |c| async move { list(&c, a).await }),
@@ -195,8 +186,7 @@ where
     F: FnOnce(RestClient) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
-    let key = key.context("no API key: pass --api-key or set E2B_API_KEY")?;
-    let client = RestClient::new(&url, &key)?;
+    let client = crate::server_args::client(&url, key.as_deref())?;
     crate::async_runtime(false)?.block_on(command(client))
 }
 

@@ -5,17 +5,8 @@ use anyhow::Context;
 
 #[derive(clap::Args)]
 pub struct SnapshotArgs {
-    /// Control-plane URL of the server.
-    #[arg(
-        long,
-        global = true,
-        env = "E2B_API_URL",
-        default_value = "http://127.0.0.1:3000"
-    )]
-    pub api_url: String,
-    /// API key (`e2b_…`).
-    #[arg(long, global = true, env = "E2B_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
+    #[command(flatten)]
+    pub server: crate::server_args::ServerArgs,
     #[command(subcommand)]
     pub command: SnapshotCommand,
 }
@@ -36,7 +27,7 @@ pub enum SnapshotCommand {
 }
 
 pub fn run(args: SnapshotArgs) -> anyhow::Result<()> {
-    let api = (args.api_url, args.api_key);
+    let api = (args.server.api_url, args.server.api_key);
     match args.command {
         SnapshotCommand::List { sandbox } => crate::sandbox::rest(api, |c| async move {
             for s in c

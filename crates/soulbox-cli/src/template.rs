@@ -18,17 +18,8 @@ use soulbox_wire::rest::{
 
 #[derive(clap::Args)]
 pub struct TemplateArgs {
-    /// Control-plane URL of the server.
-    #[arg(
-        long,
-        global = true,
-        env = "E2B_API_URL",
-        default_value = "http://127.0.0.1:3000"
-    )]
-    pub api_url: String,
-    /// API key (`e2b_…`).
-    #[arg(long, global = true, env = "E2B_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
+    #[command(flatten)]
+    pub server: crate::server_args::ServerArgs,
     #[command(subcommand)]
     pub command: TemplateCommand,
 }
@@ -117,10 +108,7 @@ pub fn run(args: TemplateArgs) -> anyhow::Result<()> {
         })
         .map_err(Into::into);
     }
-    let key = args
-        .api_key
-        .context("no API key: pass --api-key or set E2B_API_KEY")?;
-    let client = RestClient::new(&args.api_url, &key)?;
+    let client = args.server.client()?;
     let rt = crate::async_runtime(false)?;
     rt.block_on(async move {
         match args.command {

@@ -8,20 +8,11 @@ use soulbox_wire::volumes::{VolumeAndToken, VolumeEntryType};
 
 #[derive(clap::Args)]
 pub struct VolumeArgs {
-    /// Control-plane URL of the server.
-    #[arg(
-        long,
-        global = true,
-        env = "E2B_API_URL",
-        default_value = "http://127.0.0.1:3000"
-    )]
-    pub api_url: String,
+    #[command(flatten)]
+    pub server: crate::server_args::ServerArgs,
     /// Volume content API URL (SoulBox serves it on the control plane: the default).
     #[arg(long, global = true, env = "E2B_VOLUME_API_URL")]
     pub volume_api_url: Option<String>,
-    /// API key (`e2b_…`).
-    #[arg(long, global = true, env = "E2B_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
     #[command(subcommand)]
     pub command: VolumeCommand,
 }
@@ -65,12 +56,8 @@ pub enum VolumeCommand {
 }
 
 pub fn run(args: VolumeArgs) -> anyhow::Result<()> {
-    let key = args
-        .api_key
-        .clone()
-        .context("no API key: pass --api-key or set E2B_API_KEY")?;
-    let client = RestClient::new(&args.api_url, &key)?;
-    let content_url = args.volume_api_url.unwrap_or(args.api_url);
+    let client = args.server.client()?;
+    let content_url = args.volume_api_url.unwrap_or(args.server.api_url);
     crate::async_runtime(false)?.block_on(async move {
         match args.command {
             VolumeCommand::Create { name, json } => {
