@@ -189,14 +189,40 @@ async fn init(agent: &Agent, req: Request<Incoming>) -> Response<Body> {
 
 fn write_run_files(init: &InitRequest) -> std::io::Result<()> {
     let dir = std::path::Path::new("/run/e2b");
+    // Init runs again when a sandbox resumes by booting over its own files: whatever its code
+    // left at these paths (a symlink, a file for the directory) is replaced, never followed.
+    if std::fs::symlink_metadata(dir).is_ok_and(|m| !m.is_dir()) {
+        std::fs::remove_file(dir)?;
+    }
     std::fs::create_dir_all(dir)?;
-    std::fs::write(dir.join(".E2B_SANDBOX"), "true")?;
-    std::fs::write(dir.join(".E2B_SANDBOX_ID"), &init.sandbox_id)?;
-    std::fs::write(dir.join(".E2B_TEMPLATE_ID"), &init.template_id)?;
+    replace_file(&dir.join(".E2B_SANDBOX"), "true")?;
+    replace_file(&dir.join(".E2B_SANDBOX_ID"), &init.sandbox_id)?;
+    replace_file(&dir.join(".E2B_TEMPLATE_ID"), &init.template_id)?;
     if let Some(resolv) = &init.resolv_conf {
-        std::fs::write("/etc/resolv.conf", resolv)?;
+        replace_file(std::path::Path::new("/etc/resolv.conf"), resolv)?;
     }
     name_host(std::path::Path::new("/etc"), &init.sandbox_id)
+}
+
+/// Writes `contents` (mode 0644) to a new file renamed over `path`: what was at `path` — a
+/// symlink included — is replaced, not written through.
+fn replace_file(path: &std::path::Path, contents: impl AsRef<[u8]>) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.soulbox-new"));
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&tmp)?;
+    f.write_all(contents.as_ref())?;
+    drop(f);
+    std::fs::rename(&tmp, path)
 }
 
 /// What `/etc/hosts` holds when the template has none (Debian's loopback lines).
@@ -219,7 +245,7 @@ fn name_host(etc: &std::path::Path, id: &str) -> std::io::Result<()> {
     {
         return Ok(());
     }
-    std::fs::write(etc.join("hostname"), format!("{id}\n"))?;
+    replace_file(&etc.join("hostname"), format!("{id}\n"))?;
     let hosts = etc.join("hosts");
     let mut text = match std::fs::read_to_string(&hosts) {
         Ok(text) => text,
@@ -237,7 +263,7 @@ fn name_host(etc: &std::path::Path, id: &str) -> std::io::Result<()> {
         text.push('\n');
     }
     text.push_str(&format!("127.0.0.1\t{id}\n"));
-    std::fs::write(hosts, text)
+    replace_file(&hosts, text)
 }
 
 /// Why a request's user cannot be served.
