@@ -18,8 +18,7 @@ fn btrfs_available() -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     if !(mkfs && fs.contains("btrfs")) {
-        eprintln!("SKIPPED: needs btrfs in the kernel and mkfs.btrfs (btrfs-progs)");
-        return false;
+        return common::skip("needs btrfs in the kernel and mkfs.btrfs (btrfs-progs)");
     }
     true
 }

@@ -24,7 +24,7 @@ impl Lxcfs {
             .expect("tempdir");
         let mount = dir.path().join("lxcfs");
         let Some(l) = start_lxcfs(&mount).expect("start lxcfs") else {
-            eprintln!("SKIPPED: lxcfs is not installed");
+            common::skip("lxcfs is not installed");
             return None;
         };
         assert!(!l.reused);

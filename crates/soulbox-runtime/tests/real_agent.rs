@@ -13,7 +13,7 @@ use soulbox_runtime::Limits;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_agent_serves_health_on_the_passed_socket() {
     let Some(bin) = std::env::var_os("SOULBOX_AGENT_BIN") else {
-        eprintln!("SKIPPED: set SOULBOX_AGENT_BIN to a built soulbox binary");
+        common::skip("set SOULBOX_AGENT_BIN to a built soulbox binary");
         return;
     };
     if !can_run() {

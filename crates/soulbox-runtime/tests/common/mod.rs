@@ -18,18 +18,28 @@ pub fn rootfs() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/tmp/rootfs-trial/root"))
 }
 
-/// The tests need root and a rootfs with python3; without them they say so and pass.
+/// The tests need root and a rootfs with python3; without them they say so and pass — except
+/// where `SOULBOX_TESTS_REQUIRE_HOST=1` (scripts/test sets it): there a test that cannot run
+/// fails, so a CI machine without what they need tests nothing silently.
 pub fn can_run() -> bool {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED: runtime tests need root");
-        return false;
+        return skip("runtime tests need root");
     }
     if !rootfs().join("usr/bin/python3").exists() {
-        eprintln!("SKIPPED: no rootfs with python3 at {}", rootfs().display());
-        return false;
+        return skip(&format!("no rootfs with python3 at {}", rootfs().display()));
     }
     true
+}
+
+/// Says why a test does not run and returns `false`; panics instead where the host is
+/// required to run it (`SOULBOX_TESTS_REQUIRE_HOST=1`).
+pub fn skip(why: &str) -> bool {
+    if std::env::var_os("SOULBOX_TESTS_REQUIRE_HOST").is_some_and(|v| v == "1") {
+        panic!("cannot run here ({why}) and SOULBOX_TESTS_REQUIRE_HOST=1");
+    }
+    eprintln!("SKIPPED: {why}");
+    false
 }
 
 pub fn agent_py() -> PathBuf {
