@@ -296,19 +296,35 @@ async fn freeze_stop_and_resume_keep_the_sandbox() {
     let h = env.rt.create(&spec).await.expect("create");
     sh(
         &h,
-        "echo kept > /root/file; (while :; do date +%s%N > /tmp/tick; sleep 0.01; done) >/dev/null 2>&1 & echo ok",
+        "echo kept > /root/file; (while :; do date +%s%N > /tmp/tick.new; mv /tmp/tick.new /tmp/tick; sleep 0.01; done) >/dev/null 2>&1 & echo ok",
     );
-    env.rt.freeze(&h, true).await.expect("freeze");
+    // The loop's last tick, read from the host (renamed into place, so never half-written).
     let tick = |h: &SandboxHandle| {
         std::fs::read_to_string(env.cfg.state_dir.join(&h.id).join("upper/tmp/tick"))
-            .unwrap_or_default()
+            .ok()
+            .filter(|t| !t.trim().is_empty())
     };
-    let frozen_at = tick(&h);
-    std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(tick(&h), frozen_at, "a frozen sandbox ran");
+    // Waits (at most 10 s, the machine may be busy) for a tick other than `not`.
+    let next_tick = |h: &SandboxHandle, not: Option<&String>| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match tick(h) {
+                Some(t) if Some(&t) != not => return Some(t),
+                _ if std::time::Instant::now() > deadline => return None,
+                _ => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    };
+    next_tick(&h, None).expect("the loop never ticked");
+    env.rt.freeze(&h, true).await.expect("freeze");
+    let frozen_at = next_tick(&h, None).expect("a tick while frozen");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(tick(&h), Some(frozen_at.clone()), "a frozen sandbox ran");
     env.rt.freeze(&h, false).await.expect("thaw");
-    std::thread::sleep(Duration::from_millis(100));
-    assert_ne!(tick(&h), frozen_at, "a thawed sandbox did not run");
+    assert!(
+        next_tick(&h, Some(&frozen_at)).is_some(),
+        "a thawed sandbox did not run"
+    );
     assert!(env.rt.adopt(&h), "same PID 1 after a freeze");
 
     env.rt.stop(&h).await.expect("stop");
