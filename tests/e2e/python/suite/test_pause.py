@@ -37,9 +37,11 @@ def test_full_pause_keeps_processes_memory_and_files(e2e, make_sandbox):
     sbx.files.write("/home/user/notes.txt", "keep me")
     # A process holding state only in memory: it counts, and prints its count on request.
     counter = sbx.commands.run(
-        "python3 -c \"import time,signal,sys\nn=0\nsignal.signal(signal.SIGUSR1, lambda *a: open('/tmp/count','w').write(str(n)))\nwhile True:\n  n+=1; time.sleep(0.01)\"",
+        "python3 -c \"import time,signal,sys\nn=0\nsignal.signal(signal.SIGUSR1, lambda *a: open('/tmp/count','w').write(str(n)))\nopen('/tmp/ready','w').close()\nwhile True:\n  n+=1; time.sleep(0.01)\"",
         background=True,
     )
+    # Its handler is in place before the pause (a SIGUSR1 before that would kill it).
+    sbx.commands.run("for i in $(seq 200); do [ -e /tmp/ready ] && break; sleep 0.05; done; test -e /tmp/ready")
     before_boot = boot_id(sbx)
     before_end = sbx.get_info().end_at
 

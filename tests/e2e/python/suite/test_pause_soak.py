@@ -54,12 +54,15 @@ def test_pause_restart_resume_cycles(e2e, make_sandbox):
     sbx.files.write("/home/user/soak.txt", tag)
     server = sbx.commands.run("python3 -m http.server 8000 --bind 127.0.0.1", background=True)
     # A value that exists only in a process's memory, read back over a pipe on request.
+    # Its handler is in place before it writes v0 (a SIGUSR1 before that would kill it), and
+    # the cycles start only once v0 is there.
     holder = sbx.commands.run(
-        "python3 -c \"import os,time\nv=os.urandom(8).hex()\nopen('/tmp/v0','w').write(v)\n"
-        "import signal\nsignal.signal(signal.SIGUSR1, lambda *a: open('/tmp/v1','w').write(v))\n"
-        "while True: time.sleep(1)\"",
+        "python3 -c \"import os,time,signal\nv=os.urandom(8).hex()\n"
+        "signal.signal(signal.SIGUSR1, lambda *a: open('/tmp/v1','w').write(v))\n"
+        "open('/tmp/v0','w').write(v)\nwhile True: time.sleep(1)\"",
         background=True,
     )
+    sbx.commands.run("for i in $(seq 200); do [ -s /tmp/v0 ] && break; sleep 0.05; done; test -s /tmp/v0")
     for cycle in range(CYCLES):
         assert pause(sbx) is True, f"cycle {cycle}"
         e2e.restart_server()
