@@ -362,7 +362,7 @@ fn query_value(s: &str) -> String {
 }
 
 /// A sandbox id as one path segment (ids are `[a-z0-9]`, but the CLI takes any input).
-fn segment(id: &str) -> String {
+pub(crate) fn segment(id: &str) -> String {
     utf8_percent_encode(id, NON_ALPHANUMERIC).to_string()
 }
 

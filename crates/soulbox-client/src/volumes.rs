@@ -7,12 +7,11 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use soulbox_wire::rest::ApiError;
 use soulbox_wire::volumes::{NewVolume, Volume, VolumeAndToken, VolumeEntryStat};
 use tokio::io::AsyncWriteExt;
 
-use crate::rest::{RestClient, RestError};
+use crate::rest::{RestClient, RestError, segment};
 
 /// Largest JSON answer of the content API (a deep listing).
 const MAX_JSON: usize = 64 * 1024 * 1024;
@@ -37,19 +36,15 @@ impl RestClient {
 
     /// `GET /volumes/{id}`: the volume with its content token.
     pub async fn get_volume(&self, id: &str) -> Result<VolumeAndToken, RestError> {
-        self.call_json::<(), _>(Method::GET, &format!("/volumes/{}", enc(id)), None)
+        self.call_json::<(), _>(Method::GET, &format!("/volumes/{}", segment(id)), None)
             .await
     }
 
     /// `DELETE /volumes/{id}`.
     pub async fn delete_volume(&self, id: &str) -> Result<(), RestError> {
-        self.call(Method::DELETE, &format!("/volumes/{}", enc(id)), None)
+        self.call(Method::DELETE, &format!("/volumes/{}", segment(id)), None)
             .await
     }
-}
-
-fn enc(s: &str) -> String {
-    utf8_percent_encode(s, NON_ALPHANUMERIC).to_string()
 }
 
 /// The content API of one volume.
@@ -83,8 +78,8 @@ impl VolumeContentClient {
         format!(
             "{}/volumecontent/{}/{what}?path={}{extra}",
             self.base,
-            enc(&self.volume_id),
-            enc(path)
+            segment(&self.volume_id),
+            segment(path)
         )
     }
 
