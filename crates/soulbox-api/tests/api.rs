@@ -2,6 +2,8 @@
 //! Nothing here creates a sandbox (that needs the agent binary; see soulbox-cli's tests): these
 //! are the error paths, authentication, and listing/pagination over stored rows.
 
+mod common;
+
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
@@ -12,9 +14,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
-use soulbox_core::{Manager, ManagerConfig};
-use soulbox_runtime::{Runtime, RuntimeConfig};
-use soulbox_store::{SandboxRecord, Store, TemplateRecord, generate_api_key};
+use soulbox_core::ManagerConfig;
+use soulbox_store::{SandboxRecord, Store, generate_api_key};
 use soulbox_wire::rest::SandboxState;
 
 struct Server {
@@ -32,50 +33,13 @@ struct Reply {
 }
 
 async fn start() -> Server {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(&dir.path().join("soulbox.db"))
-        .await
-        .expect("store");
-    let key = generate_api_key();
-    store.add_api_key(&key, "test").await.expect("key");
-    store
-        .upsert_template(&TemplateRecord {
-            name: "base".into(),
-            layers: vec![dir.path().join("no-rootfs")],
-            cpu_count: 2,
-            memory_mb: 512,
-            disk_mb: 1024,
-            default_user: "user".into(),
-            default_workdir: "/home/user".into(),
-            created_at: Utc::now(),
-        })
-        .await
-        .expect("template");
-    let runtime = Runtime::new(RuntimeConfig {
-        state_dir: dir.path().join("sandboxes"),
-        agent_binary: std::env::current_exe().expect("test binary"),
-        // No sandbox is ever created under it, so tests running in parallel cannot clash.
-        cgroup_name: "soulbox-test-api".into(),
-    })
-    .expect("runtime (needs root)");
-    let manager = Manager::start(ManagerConfig::default(), store.clone(), runtime)
-        .await
-        .expect("manager");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(soulbox_api::serve(
-        listener,
-        manager,
-        std::future::pending(),
-    ));
+    let b = common::boot("soulbox-test-api", |_| ManagerConfig::default()).await;
     Server {
-        url,
-        key,
-        store,
+        url: b.url,
+        key: b.key,
+        store: b.store,
         http: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
-        _dir: dir,
+        _dir: b.dir,
     }
 }
 

@@ -2,6 +2,8 @@
 //! a volumes directory in a temporary dir (plain directories there: not btrfs). No sandbox is
 //! created (a create with an unknown volume fails before the runtime is asked).
 
+mod common;
+
 use std::os::unix::fs::symlink;
 
 use bytes::Bytes;
@@ -11,9 +13,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
-use soulbox_core::{Manager, ManagerConfig};
-use soulbox_runtime::{Runtime, RuntimeConfig};
-use soulbox_store::{Store, TemplateRecord, generate_api_key};
+use soulbox_core::ManagerConfig;
 
 struct Server {
     url: String,
@@ -30,58 +30,18 @@ struct Reply {
 }
 
 async fn start() -> Server {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(&dir.path().join("soulbox.db"))
-        .await
-        .expect("store");
-    let key = generate_api_key();
-    store.add_api_key(&key, "test").await.expect("key");
-    store
-        .upsert_template(&TemplateRecord {
-            name: "base".into(),
-            layers: vec![dir.path().join("no-rootfs")],
-            cpu_count: 2,
-            memory_mb: 512,
-            disk_mb: 1024,
-            default_user: "user".into(),
-            default_workdir: "/home/user".into(),
-            created_at: chrono::Utc::now(),
-        })
-        .await
-        .expect("template");
-    let runtime = Runtime::new(RuntimeConfig {
-        state_dir: dir.path().join("sandboxes"),
-        agent_binary: std::env::current_exe().expect("test binary"),
-        cgroup_name: "soulbox-test-api-volumes".into(),
+    let b = common::boot("soulbox-test-api-volumes", |dir| ManagerConfig {
+        volumes_dir: Some(dir.join("sandboxes").join("volumes")),
+        volume_size_mb: 1,
+        ..ManagerConfig::default()
     })
-    .expect("runtime (needs root)");
-    let volumes_dir = dir.path().join("sandboxes").join("volumes");
-    let manager = Manager::start(
-        ManagerConfig {
-            volumes_dir: Some(volumes_dir.clone()),
-            volume_size_mb: 1,
-            ..ManagerConfig::default()
-        },
-        store,
-        runtime,
-    )
-    .await
-    .expect("manager");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(soulbox_api::serve(
-        listener,
-        manager,
-        std::future::pending(),
-    ));
+    .await;
     Server {
-        url,
-        key,
-        volumes_dir,
+        url: b.url,
+        key: b.key,
+        volumes_dir: b.dir.path().join("sandboxes").join("volumes"),
         http: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
-        _dir: dir,
+        _dir: b.dir,
     }
 }
 
