@@ -438,7 +438,8 @@ impl Manager {
         let Ok(Some(rec)) = self.inner.store.get_sandbox(id).await else {
             return false;
         };
-        if rec.state != SandboxState::Paused || !parse_lifecycle(&rec).auto_resume {
+        let lifecycle = parse_lifecycle(&rec);
+        if rec.state != SandboxState::Paused || !lifecycle.auto_resume {
             return false;
         }
         if !may_wake(rec.access_token.as_deref()) {
@@ -447,7 +448,6 @@ impl Manager {
         if Paused::parse(&rec).is_ok_and(|p| p.mode == PauseMode::Filesystem) {
             return false;
         }
-        let lifecycle = parse_lifecycle(&rec);
         let timeout = (lifecycle.timeout_ms > 0)
             .then(|| Duration::from_millis(lifecycle.timeout_ms))
             .filter(|t| validate_timeout_duration(*t).is_ok());
